@@ -1,0 +1,278 @@
+"""HARTPipeline: prompt -> text states -> next-scale tokens -> residual -> decoded images.
+
+A saved pipeline is a folder with `model_index.json` and one sub-folder per component
+(`tokenizer/`, `transformer/`, `text_encoder/`), each `config.json` + `model.safetensors`.
+The official release layout (`llm/` + `tokenizer/`) and hub ids load too."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+import secrets
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import (CheckpointError, config_from_dict, load_into, read_json, read_weights, write_json,
+                         write_weights)
+from .presets import get_preset
+from .sampler import SampleOutput, SamplingOptions, iter_sample
+from .text_encoder import TextEncoder, TextEncoderConfig
+from .tokenizer import HybridTokenizer, TokenizerConfig
+from .transformer import HARTTransformer, TransformerConfig
+
+FORMAT = "hart-pipeline"
+# VAR's 512px schedule, offered next to a 1024px official checkpoint's own schedule
+OFFICIAL_512_SCHEDULE = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]            # hybrid images (discrete-only when the residual head is off)
+    discrete_images: list[Image.Image]   # the same sampled tokens decoded without the residual
+    residual_maps: list[Image.Image]     # |hybrid - discrete| as a heat map (empty when head is off)
+    seed: int
+    resolution: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL images (rounded, not truncated)."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def residual_heatmap(hybrid: torch.Tensor, discrete: torch.Tensor) -> list[Image.Image]:
+    """Per-pixel magnitude of what the residual changed, black -> red -> yellow -> white."""
+    diff = (hybrid.float() - discrete.float()).abs().mean(1)  # [B, H, W], in [0, 2]
+    scale = diff.flatten(1).amax(1).clamp_min(1e-6)[:, None, None]
+    v = (diff / scale).cpu().numpy()
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in rgb]
+
+
+class HARTPipeline:
+    def __init__(self, tokenizer: HybridTokenizer, transformer: HARTTransformer, text_encoder: TextEncoder,
+                 resolutions: dict[int, tuple[int, ...]], sampling: dict | None = None, name: str = "hart"):
+        self.tokenizer = tokenizer.eval()
+        self.transformer = transformer.eval()
+        self.text_encoder = text_encoder
+        self.schedules = {int(k): tuple(v) for k, v in resolutions.items()}
+        self.sampling_defaults = SamplingOptions(**(sampling or {}))
+        self.name = name
+        self.autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on CPUs with bf16 units
+        ds = tokenizer.config.downsample
+        for res, sizes in self.schedules.items():
+            if sizes[-1] * ds != res:
+                raise ValueError(f"resolution {res}: last scale {sizes[-1]} x {ds} does not give {res}px")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str, text_encoder: TextEncoder | None = None, seed: int = 0) -> "HARTPipeline":
+        """Randomly initialised models of a named preset (seeded, so two calls agree)."""
+        preset = get_preset(name)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            tokenizer = HybridTokenizer(preset.tokenizer)
+            transformer = HARTTransformer(preset.transformer)
+        text_encoder = text_encoder or TextEncoder.from_config(preset.text_encoder)
+        return cls(tokenizer, transformer, text_encoder, preset.resolutions, preset.sampling, name)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, text_encoder: TextEncoder | str | None = None,
+                        use_ema: bool = True, system_prompt: str = "", text_dtype: str = "float32",
+                        device: str | torch.device = "cpu") -> "HARTPipeline":
+        """Load our format, the official layout (folder or its llm/), or a hub repo id."""
+        path = Path(path)
+        if not path.exists():
+            path = Path(_download(str(path)))
+        if (path / "model_index.json").is_file():
+            pipe = cls._load_ours(path, text_encoder, use_ema)
+        else:
+            from .official import is_official_layout, load_official
+            root = path.parent if path.name == "llm" else path
+            if not is_official_layout(root):
+                raise CheckpointError(f"{path} is neither a HART pipeline folder (model_index.json) nor an "
+                                      "official checkpoint (llm/config.json + tokenizer/config.json)")
+            tokenizer, transformer = load_official(root, use_ema=use_ema)
+            text_encoder = _official_text_encoder(text_encoder, transformer.config, system_prompt, text_dtype)
+            sizes = transformer.config.patch_nums
+            res = sizes[-1] * tokenizer.config.downsample
+            resolutions = {res: sizes}
+            if res == 1024:
+                resolutions[512] = OFFICIAL_512_SCHEDULE
+            pipe = cls(tokenizer, transformer, text_encoder, resolutions,
+                       {"cfg": 4.5, "top_k": 600, "diffusion_steps": transformer.config.num_sampling_steps},
+                       name=root.name)
+        return pipe.to(device)
+
+    @classmethod
+    def _load_ours(cls, path: Path, text_encoder, use_ema: bool) -> "HARTPipeline":
+        index = read_json(path / "model_index.json")
+        if index.get("format") != FORMAT:
+            raise CheckpointError(f"{path / 'model_index.json'} is not a {FORMAT} index")
+        tok_cfg = config_from_dict(TokenizerConfig, read_json(path / "tokenizer" / "config.json"),
+                                   str(path / "tokenizer" / "config.json"))
+        tf_cfg = config_from_dict(TransformerConfig, read_json(path / "transformer" / "config.json"),
+                                  str(path / "transformer" / "config.json"))
+        tokenizer, transformer = HybridTokenizer(tok_cfg), HARTTransformer(tf_cfg)
+        load_into(tokenizer, read_weights(path / "tokenizer" / "model.safetensors"),
+                  str(path / "tokenizer" / "model.safetensors"))
+        tf_file = path / "transformer" / "model.safetensors"
+        if not use_ema and (path / "transformer" / "model_raw.safetensors").is_file():
+            tf_file = path / "transformer" / "model_raw.safetensors"
+        load_into(transformer, read_weights(tf_file), str(tf_file))
+        if text_encoder is None:
+            te_cfg = config_from_dict(TextEncoderConfig, read_json(path / "text_encoder" / "config.json"),
+                                      str(path / "text_encoder" / "config.json"))
+            weights_file = path / "text_encoder" / "model.safetensors"
+            weights = read_weights(weights_file) if weights_file.is_file() else None
+            text_encoder = TextEncoder.from_config(te_cfg, weights)
+        elif isinstance(text_encoder, str):
+            text_encoder = TextEncoder.from_config(TextEncoderConfig(kind="hf", path=text_encoder,
+                                                                     max_length=tf_cfg.context_token))
+        if text_encoder.hidden_size != tf_cfg.context_dim:
+            raise CheckpointError(f"text encoder width {text_encoder.hidden_size} does not match the "
+                                  f"transformer's context_dim {tf_cfg.context_dim}")
+        resolutions = {int(k): tuple(v) for k, v in index["resolutions"].items()}
+        return cls(tokenizer, transformer, text_encoder, resolutions, index.get("sampling"),
+                   index.get("name", path.name))
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        write_pipeline(path, self.tokenizer, self.transformer, self.text_encoder.config_dict(),
+                       self.schedules, asdict(self.sampling_defaults), self.name, dtype,
+                       self.text_encoder.extra_weights())
+
+    def to(self, device) -> "HARTPipeline":
+        self.tokenizer.to(device)
+        self.transformer.to(device)
+        self.text_encoder.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.word_embed.weight.device
+
+    @property
+    def resolutions(self) -> list[int]:
+        return sorted(self.schedules)
+
+    @property
+    def default_resolution(self) -> int:
+        return self.resolutions[0]
+
+    # ------------------------------------------------------------------ generation
+    def _prepare(self, prompt, resolution, num_images, seed, overrides) -> tuple:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt list is empty: give at least one prompt")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("every prompt must be a string")
+        resolution = self.default_resolution if resolution is None else int(resolution)
+        if resolution not in self.schedules:
+            raise ValueError(f"resolution {resolution} is not supported by this model; "
+                             f"choose one of {self.resolutions}")
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images}")
+        values = asdict(self.sampling_defaults)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        opts = SamplingOptions(**values)
+        opts.validate()
+        seed = secrets.randbelow(2 ** 31) if seed is None else int(seed)
+        prompts = [p for p in prompts for _ in range(num_images)]
+        return prompts, resolution, opts, seed
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def stream(self, prompt: str | list[str], resolution: int | None = None, cfg: float | None = None,
+               diffusion_steps: int | None = None, use_residual: bool = True, seed: int | None = None,
+               num_images: int = 1, top_k: int | None = None, top_p: float | None = None,
+               temperature: float | None = None, more_smooth: bool | None = None,
+               previews: bool = True) -> Iterator[tuple[int, list[Image.Image]] | GenerationResult]:
+        """Yield (scale index, decoded preview images) after every scale, then the result."""
+        prompts, resolution, opts, seed = self._prepare(
+            prompt, resolution, num_images, seed,
+            dict(cfg=cfg, diffusion_steps=diffusion_steps, use_residual=use_residual, top_k=top_k,
+                 top_p=top_p, temperature=temperature, more_smooth=more_smooth))
+        generator = torch.Generator(self.device).manual_seed(seed)
+        timings = {}
+        start = time.perf_counter()
+        with torch.inference_mode(), self._autocast():
+            states, _, positions = self.text_encoder(prompts)
+            timings["text"] = time.perf_counter() - start
+            t_ar = time.perf_counter()
+            output: SampleOutput | None = None
+            preview_time = 0.0
+            for item in iter_sample(self.transformer, self.tokenizer, states.to(self.device),
+                                    positions.to(self.device), self.schedules[resolution], opts, generator):
+                if isinstance(item, SampleOutput):
+                    output = item
+                elif previews:
+                    t_prev = time.perf_counter()
+                    images = to_pil(self.tokenizer.decode(item[1]))
+                    preview_time += time.perf_counter() - t_prev
+                    yield item[0], images
+            timings["diffusion"] = output.diffusion_time
+            timings["ar"] = time.perf_counter() - t_ar - output.diffusion_time - preview_time
+            t_dec = time.perf_counter()
+            # decoded separately (not as one batch) so the discrete image is bit-identical
+            # whether or not the residual head runs
+            discrete = hybrid = self.tokenizer.decode(output.fhat_discrete)
+            if output.residual is not None:
+                hybrid = self.tokenizer.decode(output.fhat_discrete, output.residual)
+            timings["decode"] = time.perf_counter() - t_dec
+        timings["total"] = time.perf_counter() - start - preview_time
+        discrete_images = to_pil(discrete)
+        yield GenerationResult(images=to_pil(hybrid) if output.residual is not None else discrete_images,
+                               discrete_images=discrete_images,
+                               residual_maps=residual_heatmap(hybrid, discrete) if output.residual is not None else [],
+                               seed=seed, resolution=resolution, timings=timings)
+
+    def __call__(self, prompt: str | list[str], **kwargs) -> GenerationResult:
+        for item in self.stream(prompt, previews=False, **kwargs):
+            pass
+        return item
+
+
+def write_pipeline(path: str | Path, tokenizer: HybridTokenizer, transformer: HARTTransformer, text_encoder: dict,
+                   resolutions: dict[int, tuple[int, ...]], sampling: dict, name: str,
+                   dtype: torch.dtype | None = None, text_encoder_weights: dict | None = None) -> None:
+    """Write a pipeline folder; weights as safetensors (optionally cast, e.g. to fp16)."""
+    path = Path(path)
+    for sub, module in (("tokenizer", tokenizer), ("transformer", transformer)):
+        write_json(asdict(module.config), path / sub / "config.json")
+        write_weights(module.state_dict(), path / sub / "model.safetensors", dtype)
+    write_json(text_encoder, path / "text_encoder" / "config.json")
+    if text_encoder_weights is not None:
+        write_weights(text_encoder_weights, path / "text_encoder" / "model.safetensors")
+    # the index goes last: a folder with an index is complete
+    write_json({"format": FORMAT, "version": 1, "name": name,
+                "resolutions": {str(k): list(v) for k, v in sorted(resolutions.items())},
+                "sampling": sampling}, path / "model_index.json")
+
+
+def _download(repo_id: str) -> str:
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        raise CheckpointError(f"model path not found: {repo_id}")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md"])
+    except Exception as err:
+        raise CheckpointError(f"{repo_id} is not a local folder and could not be downloaded from the hub "
+                              f"({type(err).__name__}: {err})") from err
+
+
+def _official_text_encoder(text_encoder, cfg: TransformerConfig, system_prompt: str, dtype: str) -> TextEncoder:
+    if isinstance(text_encoder, TextEncoder):
+        return text_encoder
+    if text_encoder is None:
+        raise CheckpointError("an official HART checkpoint needs its Qwen2 text encoder: pass "
+                              "text_encoder=<folder or hub id of Qwen2-VL-1.5B-Instruct>")
+    return TextEncoder.from_config(TextEncoderConfig(kind="hf", path=str(text_encoder), max_length=cfg.context_token,
+                                                     system_prompt=system_prompt, dtype=dtype))

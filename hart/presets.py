@@ -1,0 +1,59 @@
+"""Named model configurations: a registry the pipeline, trainers and benchmarks share."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .text_encoder import TextEncoderConfig
+from .tokenizer import TokenizerConfig
+from .transformer import TransformerConfig
+
+
+@dataclass
+class Preset:
+    tokenizer: TokenizerConfig
+    transformer: TransformerConfig
+    text_encoder: TextEncoderConfig
+    resolutions: dict[int, tuple[int, ...]]   # image side in pixels -> scale schedule
+    sampling: dict = field(default_factory=dict)
+
+
+def _tiny() -> Preset:
+    """Seconds-fast model for tests: 8x tokenizer, 2-layer transformer, byte-level text encoder."""
+    text = TextEncoderConfig(kind="tiny", max_length=16, hidden_size=32, num_layers=2)
+    tok = TokenizerConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
+                          attn_at_lowest_level=False, mid_attn=True)
+    tf = TransformerConfig(vocab_size=64, token_dim=8, context_token=16, context_dim=32, embed_dim=64, depth=2,
+                           num_heads=4, mlp_hidden=128, patch_nums=(1, 2, 3, 4), diff_width=32, diff_depth=2)
+    return Preset(tok, tf, text, {32: (1, 2, 3, 4), 64: (1, 2, 4, 6, 8)},
+                  {"cfg": 3.0, "top_k": 0, "top_p": 0.0, "diffusion_steps": 8})
+
+
+def _emoji() -> Preset:
+    """The default CPU model: 64px stage 1 and 128px stage 2 from one set of weights."""
+    text = TextEncoderConfig(kind="minilm", max_length=16)
+    tok = TokenizerConfig(vocab_size=1024, z_channels=16, ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
+                          attn_at_lowest_level=False, mid_attn=False)
+    tf = TransformerConfig(vocab_size=1024, token_dim=16, context_token=16, context_dim=384, embed_dim=256,
+                           depth=6, num_heads=4, mlp_hidden=768, patch_nums=(1, 2, 3, 4, 6, 8),
+                           diff_width=256, diff_depth=3)
+    return Preset(tok, tf, text, {64: (1, 2, 3, 4, 6, 8), 128: (1, 2, 3, 4, 6, 8, 11, 16)},
+                  {"cfg": 3.0, "top_k": 0, "top_p": 0.0, "diffusion_steps": 8})
+
+
+def _hart_07b() -> Preset:
+    """The released 0.7B shapes (random weights here): for benchmarks and loader checks."""
+    text = TextEncoderConfig(kind="tiny", max_length=300, hidden_size=1536, num_layers=1)
+    tok = TokenizerConfig()
+    tf = TransformerConfig(embed_dim=1536, depth=24, num_heads=24, context_token=300, context_dim=1536)
+    return Preset(tok, tf, text, {512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
+                                  1024: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)},
+                  {"cfg": 4.5, "top_k": 600, "top_p": 0.0, "diffusion_steps": 8})
+
+
+PRESETS = {"tiny": _tiny, "emoji": _emoji, "hart-0.7b": _hart_07b}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,175 @@
+"""Next-scale sampling: coarse-to-fine discrete tokens with a KV cache and batched CFG, then
+the residual diffusion head at the last scale. Every random draw uses the caller's generator."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import math
+import time
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .tokenizer import HybridTokenizer
+from .transformer import HARTTransformer, image_rope_angles, text_rope_angles
+
+
+@dataclass
+class SamplingOptions:
+    cfg: float = 4.5
+    top_k: int = 0            # 0 = no top-k filter
+    top_p: float = 0.0        # 0 = no nucleus filter
+    temperature: float = 1.0
+    more_smooth: bool = False  # Gumbel-softmax mixture of codes instead of the hard code
+    diffusion_steps: int = 8
+    use_residual: bool = True
+
+    def validate(self) -> None:
+        checks = [
+            (math.isfinite(self.cfg) and self.cfg >= 0, f"cfg must be a finite number >= 0, got {self.cfg}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k}"),
+            (math.isfinite(self.top_p) and 0 <= self.top_p <= 1, f"top_p must be in [0, 1], got {self.top_p}"),
+            (math.isfinite(self.temperature) and self.temperature > 0,
+             f"temperature must be > 0, got {self.temperature}"),
+            (isinstance(self.diffusion_steps, int) and 1 <= self.diffusion_steps <= 1000,
+             f"diffusion_steps must be an integer in [1, 1000], got {self.diffusion_steps}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def guidance_ramp(cfg: float, num_scales: int) -> list[float]:
+    """CFG weight t per scale: linear cfg * si / (S - 1), with the last scale reusing the
+    previous scale's value (the released sampler does this; its models are tuned to it)."""
+    if num_scales == 1:
+        return [0.0]
+    ramp = [cfg * si / (num_scales - 1) for si in range(num_scales - 1)]
+    return ramp + [ramp[-1]]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p probability mass."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_indices(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, n, V] (already filtered) -> indices [B, n]."""
+    if opts.top_k == 1:
+        return logits.argmax(-1)
+    probs = (logits / opts.temperature).softmax(-1)
+    B, n, V = probs.shape
+    return torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, n)
+
+
+def gumbel_codes(logits: torch.Tensor, ratio: float, codebook: torch.Tensor,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """'More smooth' mode: a Gumbel-softmax mixture over the codebook, sharper at fine scales."""
+    tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)).clamp_min(1e-20))
+    weights = ((logits * (1 + ratio) + gumbel) / tau).softmax(-1)
+    return weights.to(codebook.dtype) @ codebook
+
+
+@dataclass
+class SampleOutput:
+    indices: list[torch.Tensor]      # per scale [B, pn^2]
+    fhat_discrete: torch.Tensor      # [B, Cvae, P, P]
+    residual: torch.Tensor | None    # [B, P^2, Cvae] or None when the head is off
+    logits: list[torch.Tensor]       # guided logits per scale (for inspection and parity)
+    diffusion_time: float = 0.0
+
+
+def sample(*args, **kwargs) -> SampleOutput:
+    """Run `iter_sample` to the end and return its output."""
+    for item in iter_sample(*args, **kwargs):
+        pass
+    return item
+
+
+@torch.no_grad()
+def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, context: torch.Tensor,
+                position_ids: torch.Tensor, scale_sizes, opts: SamplingOptions,
+                generator: torch.Generator | None = None, diffusion_noise=None,
+                keep_logits: bool = False) -> Iterator[tuple[int, torch.Tensor] | SampleOutput]:
+    """Generate tokens for B prompts given text states context [B, Lc, Dt].
+
+    Yields (si, partial f_hat) after every scale but the last (for previews), then the
+    SampleOutput. CFG runs conditional and unconditional rows (all-zero text states, zero
+    positions) as one batch; with cfg = 0 the unconditional half is skipped (same result)."""
+    opts.validate()
+    sizes = list(scale_sizes)
+    S, P = len(sizes), sizes[-1]
+    B, Lc, _ = context.shape
+    device = context.device
+    quant = tokenizer.quantize
+    codebook = quant.embedding.weight
+    guided = opts.cfg != 0
+    ramp = guidance_ramp(opts.cfg, S)
+    if guided:
+        context = torch.cat([context, torch.zeros_like(context)])
+        position_ids = torch.cat([position_ids, torch.zeros_like(position_ids)])
+    rows = context.shape[0]
+    dtype = transformer.word_embed.weight.dtype
+    context = context.to(dtype)
+
+    cond, pooled = transformer.embed_context(context)
+    lvl = transformer.lvl_embed(torch.arange(S, device=device))
+    cache = transformer.new_cache(rows, Lc, sizes, dtype, device)
+    head_dim, theta = transformer.config.head_dim, transformer.config.rope_theta
+    offset = position_ids[:, -1]
+
+    fhat = torch.zeros(B, codebook.shape[1], P, P, device=device, dtype=codebook.dtype)
+    indices, all_logits = [], []
+    residual, diffusion_time = None, 0.0
+    next_input = None
+    for si, pn in enumerate(sizes):
+        if si == 0:
+            hidden = transformer.step(cond + lvl[0], text_rope_angles(position_ids, head_dim, theta), cache)
+            hidden = hidden[:, -1:]  # the 1x1 token is predicted from the last text slot
+        else:
+            x = transformer.word_embed(next_input.to(dtype)) + lvl[si]
+            if guided:
+                x = torch.cat([x, x])
+            hidden = transformer.step(x, image_rope_angles(pn, P, offset, head_dim, theta), cache)
+        logits = transformer.logits(hidden, pooled)
+        t = ramp[si]
+        if guided:
+            logits = (1 + t) * logits[:B] - t * logits[B:]
+        if keep_logits:
+            all_logits.append(logits)
+        logits = filter_logits(logits, opts.top_k, opts.top_p)
+        idx = sample_indices(logits, opts, generator)
+        indices.append(idx)
+        ratio = si / (S - 1) if si < S - 1 else (S - 2) / (S - 1) if S > 1 else 0.0
+        codes = gumbel_codes(logits, ratio, codebook, generator) if opts.more_smooth else codebook[idx]
+        codes = codes.transpose(1, 2).reshape(B, -1, pn, pn)
+        if si < S - 1:
+            fhat = fhat + quant.upsampled_scale(codes, si, sizes)
+            nxt = sizes[si + 1]
+            next_input = F.interpolate(fhat, size=(nxt, nxt), mode="area").flatten(2).transpose(1, 2)
+            yield si, fhat
+            continue
+        fhat = fhat + codes
+        if opts.use_residual:
+            start = time.perf_counter()
+            word = codebook[idx].to(dtype)
+            z = transformer.diffusion_condition(hidden, torch.cat([word, word]) if guided else word)
+            C = z.shape[-1]
+            z_cond = z[:B].reshape(-1, C)
+            z_uncond = z[B:].reshape(-1, C) if guided else None
+            flat = transformer.diffloss.sample(z_cond, z_uncond, cfg=t, steps=opts.diffusion_steps,
+                                               temperature=1.0, generator=generator, noise=diffusion_noise)
+            residual = flat.view(B, P * P, -1).to(fhat.dtype)
+            diffusion_time = time.perf_counter() - start
+    yield SampleOutput(indices, fhat, residual, all_logits, diffusion_time)

@@ -1,0 +1,247 @@
+"""Core library: tokenizer, transformer, diffusion head, sampler and pipeline on the tiny preset."""
+import math
+
+import pytest
+import torch
+
+from hart import HARTPipeline
+from hart.diffusion import RESIDUAL_SCALE, ResidualDiffusionHead, respaced_timesteps
+from hart.sampler import SamplingOptions, guidance_ramp, sample
+from hart.tokenizer import phi_index
+from hart.transformer import image_rope_angles, text_rope_angles
+
+PROMPTS = ["red apple", "a waving hand"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return HARTPipeline.from_preset("tiny")
+
+
+def images_bytes(result):
+    return [im.tobytes() for im in result.images]
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def test_tokenizer_shapes_and_hybrid_reconstructs_latent(pipe):
+    tok = pipe.tokenizer
+    sizes = pipe.schedules[64]
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        f = tok.encode_latent(images)
+        indices, residual = tok.encode(images, sizes)
+        fhat = tok.indices_to_fhat(indices, sizes)
+        P = sizes[-1]
+        assert f.shape == (2, tok.config.z_channels, P, P)
+        assert [i.shape for i in indices] == [(2, s * s) for s in sizes]
+        assert residual.shape == (2, P * P, tok.config.z_channels)
+        hybrid_latent = fhat + residual.transpose(1, 2).reshape_as(fhat)
+        torch.testing.assert_close(hybrid_latent, f, atol=1e-5, rtol=1e-5)
+        discrete, hybrid = tok.decode(fhat), tok.decode(fhat, residual)
+    assert discrete.shape == hybrid.shape == (2, 3, 64, 64)
+    assert (discrete - hybrid).abs().max() > 1e-3
+
+
+def test_tokenizer_training_forward_alternates_paths(pipe):
+    tok = pipe.tokenizer.train()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    sizes = pipe.schedules[32]
+    recon_c, vq_c, _, cont = tok(images, sizes, continuous=True)
+    recon_d, vq_d, _, disc = tok(images, sizes, continuous=False)
+    assert cont and not disc
+    assert recon_c.shape == images.shape and vq_c.ndim == 0
+    with torch.no_grad():  # the continuous path decodes f itself
+        expected = tok.decoder(tok.post_quant_conv(tok.encode_latent(images)))
+    torch.testing.assert_close(recon_c.detach(), expected)
+    assert not torch.allclose(recon_c, recon_d)
+    (recon_d.square().mean() + vq_d).backward()  # straight-through reaches the encoder
+    assert tok.encoder.conv_in.weight.grad is not None and tok.encoder.conv_in.weight.grad.abs().sum() > 0
+    paths = {tok(images, sizes, generator=torch.Generator().manual_seed(s))[3] for s in range(12)}
+    assert paths == {True, False}
+    tok.zero_grad(set_to_none=True)
+    tok.eval()
+
+
+def test_phi_index_uses_float64_ticks():
+    assert [phi_index(k, 10, 4) for k in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert [phi_index(k, 14, 4) for k in range(14)] == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+
+
+# ---------------------------------------------------------------- positions
+
+def test_text_rope_angles():
+    pos = torch.tensor([[0, 1, 2, 2]])
+    angles = text_rope_angles(pos, head_dim=8)
+    inv = torch.tensor([10000 ** (-2 * j / 8) for j in range(4)])
+    assert angles.shape == (1, 4, 8)
+    torch.testing.assert_close(angles[0, 2], torch.cat([2 * inv, 2 * inv]))
+    torch.testing.assert_close(angles[0, 3], angles[0, 2])  # pads repeat the last position
+
+
+def test_image_rope_angles_on_finest_grid():
+    side, finest, d = 3, 12, 8
+    offset = torch.tensor([5, 0])
+    angles = image_rope_angles(side, finest, offset, head_dim=d)
+    assert angles.shape == (2, 9, d)
+    omega = torch.tensor([10000 ** (-4 * j / d) for j in range(2)])
+    r, c = 2, 1  # token index r * side + c
+    a, b = r * finest / side + 5, c * finest / side + 5
+    torch.testing.assert_close(angles[0, r * side + c], torch.cat([a * omega, a * omega, b * omega, b * omega]))
+    # the finest scale has unit steps; the unconditional row (offset 0) starts at 0
+    fine = image_rope_angles(finest, finest, torch.tensor([0]), head_dim=d)
+    assert fine[0, 1, d // 2].item() == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- transformer
+
+@pytest.mark.parametrize("cfg", [0.0, 2.5])
+def test_kv_cache_sampling_matches_teacher_forcing(pipe, cfg):
+    sizes = pipe.schedules[64]
+    states, _, positions = pipe.text_encoder(PROMPTS)
+    opts = SamplingOptions(cfg=cfg, top_k=8, diffusion_steps=2)
+    out = sample(pipe.transformer, pipe.tokenizer, states, positions, sizes, opts,
+                 torch.Generator().manual_seed(0), keep_logits=True)
+    with torch.no_grad():
+        inputs = pipe.tokenizer.quantize.teacher_forcing_inputs(out.indices, sizes)
+        cond, hidden_last, _ = pipe.transformer(states, positions, inputs, sizes)
+        if cfg:
+            uncond, _, _ = pipe.transformer(torch.zeros_like(states), torch.zeros_like(positions), inputs, sizes)
+            ramp = torch.tensor(guidance_ramp(cfg, len(sizes)))
+            per_token = torch.cat([ramp[k].expand(s * s) for k, s in enumerate(sizes)])[None, :, None]
+            cond = (1 + per_token) * cond - per_token * uncond
+    cached = torch.cat(out.logits, dim=1)
+    assert cached.shape == cond.shape
+    torch.testing.assert_close(cached, cond, atol=2e-4, rtol=2e-4)
+
+
+def test_teacher_forcing_with_dropped_last_scale_tokens(pipe):
+    sizes = pipe.schedules[64]
+    states, _, positions = pipe.text_encoder(PROMPTS)
+    indices = [torch.randint(0, 64, (2, s * s)) for s in sizes]
+    inputs = pipe.tokenizer.quantize.teacher_forcing_inputs(indices, sizes)
+    keep = torch.stack([torch.randperm(64)[:10].sort().values for _ in range(2)])
+    with torch.no_grad():
+        full, hidden_full, _ = pipe.transformer(states, positions, inputs, sizes)
+        part, hidden_part, _ = pipe.transformer(states, positions, inputs, sizes, keep_last=keep)
+    n_before = sum(s * s for s in sizes[:-1])
+    assert part.shape == (2, n_before + 10, 64) and hidden_part.shape == (2, 10, 64)
+    # last-scale tokens only see their own scale: kept tokens see fewer peers, earlier scales are unchanged
+    torch.testing.assert_close(part[:, :n_before], full[:, :n_before], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(hidden_part, hidden_full.gather(1, keep[..., None].expand(-1, -1, 64)), atol=1e-4)
+
+
+def test_guidance_ramp_linear_with_stale_last_scale():
+    assert guidance_ramp(4.5, 4) == [0.0, 1.5, 3.0, 3.0]
+    assert guidance_ramp(0.0, 6) == [0.0] * 6
+
+
+# ---------------------------------------------------------------- diffusion head
+
+def test_respacing_matches_release():
+    assert respaced_timesteps(8) == [0, 143, 285, 428, 571, 714, 856, 999]
+    assert respaced_timesteps(1) == [999]
+    with pytest.raises(ValueError):
+        respaced_timesteps(0)
+
+
+def test_diffusion_head_steps_and_zero_cfg():
+    torch.manual_seed(0)
+    head = ResidualDiffusionHead(token_dim=4, cond_dim=16, width=32, depth=2)
+    for p in head.parameters():  # give the zero-initialised layers values so outputs depend on them
+        torch.nn.init.normal_(p, std=0.2)
+    calls = []
+    head.net.register_forward_hook(lambda *a: calls.append(1))
+    z_c, z_u = torch.randn(5, 16), torch.randn(5, 16)
+    for steps in (1, 3, 8):
+        calls.clear()
+        out = head.sample(z_c, z_u, cfg=2.0, steps=steps, generator=torch.Generator().manual_seed(1))
+        assert len(calls) == steps and out.shape == (5, 4)
+    guided0 = head.sample(z_c, z_u, cfg=0.0, steps=4, generator=torch.Generator().manual_seed(3))
+    cond_only = head.sample(z_c, None, steps=4, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(guided0, cond_only)
+    guided = head.sample(z_c, z_u, cfg=2.0, steps=4, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(guided, cond_only)
+    assert out.abs().max() <= RESIDUAL_SCALE + 1e-6  # x0 is clipped to [-1, 1] before scaling
+
+
+def test_diffusion_loss_trains():
+    torch.manual_seed(0)
+    head = ResidualDiffusionHead(token_dim=4, cond_dim=8, width=64, depth=2)
+    target = torch.randn(64, 4) * 0.3
+    z = torch.randn(64, 8)
+    opt = torch.optim.Adam(head.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(150):
+        loss = head.loss(target, z, generator=gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert math.isfinite(losses[-1])
+    assert sum(losses[-20:]) / 20 < 0.8 * sum(losses[:20]) / 20
+
+
+# ---------------------------------------------------------------- pipeline
+
+def test_pipeline_outputs_and_determinism(pipe):
+    a = pipe(PROMPTS, resolution=64, seed=7, num_images=2)
+    assert len(a.images) == len(a.discrete_images) == len(a.residual_maps) == 4
+    assert a.images[0].size == (64, 64) and a.seed == 7
+    assert set(a.timings) >= {"text", "ar", "diffusion", "decode", "total"}
+    b = pipe(PROMPTS, resolution=64, seed=7, num_images=2)
+    c = pipe(PROMPTS, resolution=64, seed=8, num_images=2)
+    assert images_bytes(a) == images_bytes(b)
+    assert images_bytes(a) != images_bytes(c)
+    assert a.images[0].tobytes() != a.discrete_images[0].tobytes()
+
+
+def test_residual_off_and_same_tokens(pipe):
+    on = pipe("red apple", seed=3, resolution=32)
+    off = pipe("red apple", seed=3, resolution=32, use_residual=False)
+    assert off.residual_maps == []
+    assert off.images[0].tobytes() == off.discrete_images[0].tobytes()
+    # the discrete image is decoded from the same tokens whether or not the head runs
+    assert on.discrete_images[0].tobytes() == off.discrete_images[0].tobytes()
+
+
+def test_stream_yields_every_scale_then_result(pipe):
+    items = list(pipe.stream("red apple", seed=1, resolution=64))
+    scales = [i[0] for i in items[:-1]]
+    assert scales == list(range(len(pipe.schedules[64]) - 1))
+    final = items[-1]
+    assert final.images[0].tobytes() == pipe("red apple", seed=1, resolution=64).images[0].tobytes()
+
+
+def test_unseen_schedule_runs(pipe):
+    states, _, positions = pipe.text_encoder(PROMPTS)
+    out = sample(pipe.transformer, pipe.tokenizer, states, positions, (1, 3, 5, 8), SamplingOptions(cfg=1.0),
+                 torch.Generator().manual_seed(0))
+    assert out.fhat_discrete.shape == (2, 8, 8, 8) and out.residual.shape == (2, 64, 8)
+
+
+def test_save_load_roundtrip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "model")
+    loaded = HARTPipeline.from_pretrained(tmp_path / "model")
+    assert loaded.resolutions == pipe.resolutions
+    a = pipe("red apple", seed=5, resolution=64)
+    b = loaded("red apple", seed=5, resolution=64)
+    assert a.images[0].tobytes() == b.images[0].tobytes()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(resolution=999), "resolution 999"),
+    (dict(diffusion_steps=-1), "diffusion_steps"),
+    (dict(cfg=float("nan")), "cfg"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(num_images=0), "num_images"),
+])
+def test_bad_input_raises_clear_errors(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("red apple", **kwargs)
+
+
+def test_empty_prompt_list(pipe):
+    with pytest.raises(ValueError, match="empty"):
+        pipe([])

@@ -1,0 +1,90 @@
+"""Official-layout loading, numerical parity with the official code, and conversion."""
+from pathlib import Path
+import shutil
+
+import pytest
+import torch
+
+from hart import HARTPipeline
+from hart.check_parity import main as parity_main, run_cases
+from hart.checkpoint import CheckpointError
+from hart.convert import main as convert_main
+from hart.official import load_official
+from hart.sampler import SamplingOptions, sample
+
+FIXTURE = Path(__file__).parent / "fixtures" / "official-tiny-a"
+
+
+def test_parity_cli_passes_on_fixture(capsys):
+    assert parity_main([str(FIXTURE)]) == 0
+    out = capsys.readouterr().out
+    assert "0 failed" in out and "sample.img_hybrid" in out
+
+
+def test_parity_detects_a_wrong_weight(tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(FIXTURE, broken)
+    state = torch.load(broken / "llm" / "ema_model.bin", weights_only=True)
+    state["blocks.1.attn.proj.bias"] = state["blocks.1.attn.proj.bias"] + 0.05
+    torch.save(state, broken / "llm" / "ema_model.bin")
+    results = {r.name: r for r in run_cases(broken)}
+    assert results["tok.f"].passed  # the tokenizer is untouched
+    assert not results["tf.logits"].passed
+    assert parity_main([str(broken)]) == 1
+
+
+def test_ema_is_default_and_switchable():
+    _, ema = load_official(FIXTURE)
+    _, raw = load_official(FIXTURE, use_ema=False)
+    assert not torch.equal(ema.head.weight, raw.head.weight)
+
+
+def test_shape_mismatch_is_reported_by_key(tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(FIXTURE, broken)
+    state = torch.load(broken / "llm" / "ema_model.bin", weights_only=True)
+    state["head.weight"] = state["head.weight"][:10]
+    del state["decoder_norm.weight"]
+    torch.save(state, broken / "llm" / "ema_model.bin")
+    with pytest.raises(CheckpointError) as err:
+        load_official(broken)
+    assert "head.weight" in str(err.value) and "decoder_norm.weight" in str(err.value)
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(FIXTURE, broken)
+    (broken / "llm" / "ema_model.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="ema_model.bin"):
+        load_official(broken)
+
+
+def test_convert_roundtrip_gives_identical_outputs(tmp_path):
+    assert convert_main([str(FIXTURE), str(tmp_path / "converted")]) == 0
+    assert not list((tmp_path / "converted").rglob("*.bin"))
+    tok_a, tf_a = load_official(FIXTURE)
+    converted = HARTPipeline._load_ours(tmp_path / "converted", text_encoder=_StubEncoder(), use_ema=True)
+    from safetensors.torch import load_file
+    cases = load_file(str(FIXTURE / "cases.safetensors"))
+    opts = SamplingOptions(cfg=4.5, top_k=4, diffusion_steps=8)
+    outs = []
+    for tok, tf in ((tok_a, tf_a), (converted.tokenizer, converted.transformer)):
+        out = sample(tf, tok, cases["sample.context"], cases["sample.context_position_ids"], tf.config.patch_nums,
+                     opts, torch.Generator().manual_seed(0))
+        outs.append(tok.decode(out.fhat_discrete, out.residual))
+    assert torch.equal(outs[0], outs[1])
+    assert converted.resolutions == [32]
+
+
+class _StubEncoder:
+    """Stands in for the Qwen2 encoder the converted folder references (not needed here)."""
+    hidden_size = 24
+
+
+@pytest.mark.slow
+def test_full_size_official_layout_loads(tmp_path):
+    """An official-layout folder at the released 0.7B / 1024px shapes loads (shape check)."""
+    from bench.make_official_layout import write_random_official
+    write_random_official(tmp_path / "hart-0.7b")
+    tok, tf = load_official(tmp_path / "hart-0.7b")
+    assert sum(p.numel() for p in tf.parameters()) == pytest.approx(732.4e6, rel=2e-3)

@@ -1,0 +1,1 @@
+"""Training utilities for HART: datasets, data builders and training scripts."""
