@@ -1,0 +1,288 @@
+"""Gradio demo for HART: type a prompt, watch the next-scale tokens appear, compare discrete vs hybrid.
+
+Run `python app.py [--host H] [--port P] [--model PATH_OR_HUB_ID] [--share]`. The model comes from
+--model / $HART_MODEL, else the bundled `assets/hart-emoji/`, else a random-weight "tiny" preset.
+An official checkpoint also needs its text encoder: set $HART_TEXT_ENCODER (folder or hub id).
+On a Hugging Face Space ($SPACE_ID set) the server binds 0.0.0.0 and ZeroGPU is used when present.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+import queue
+import secrets
+import threading
+from typing import Any, Iterator
+
+import gradio as gr
+from PIL import Image
+
+try:  # Hugging Face ZeroGPU: request a GPU for the duration of each generation
+    import spaces
+    gpu_task = spaces.GPU
+except ImportError:
+    def gpu_task(fn):
+        return fn
+
+TINY = "tiny (random weights)"
+BUNDLED = Path(__file__).resolve().parent / "assets" / "hart-emoji"
+MAX_SEED = 2**31 - 1
+MAX_PROMPT = 500
+EXAMPLES = ["red apple", "grinning face", "waving hand: medium skin tone", "rocket", "sunflower",
+            "an emoji of a cat face"]
+# gradio 6 takes css/theme in launch(), not Blocks(): main() and the tests pass these along.
+CSS = """
+#image_discrete img, #image_hybrid img, #image_residual img {
+  image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;
+}
+"""
+
+
+def error(message: str) -> gr.Error:
+    """A user-facing error (shown in the UI, raised by gradio_client) without a server traceback."""
+    return gr.Error(message, print_exception=False)
+
+
+def theme() -> gr.themes.Base:
+    return gr.themes.Soft(primary_hue="orange")
+
+
+def default_sources(model: str | None = None) -> dict[str, str | None]:
+    """Model name -> location (None = the tiny preset): --model first, then the bundled folder."""
+    sources: dict[str, str | None] = {}
+    if model:
+        sources[Path(model).name or model] = model
+    if (BUNDLED / "model_index.json").is_file():
+        sources.setdefault(BUNDLED.name, str(BUNDLED))
+    sources[TINY] = None
+    return sources
+
+
+class ModelRegistry:
+    """Loads each named model on first use, once, and keeps it for the life of the server."""
+
+    def __init__(self, sources: dict[str, str | None], device: str | None = None):
+        import torch
+        self.sources = dict(sources)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._cache: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    def get(self, name: str):
+        if name not in self.sources:
+            raise error(f"unknown model {name!r}; choose one of {self.names}")
+        with self._lock:
+            if name not in self._cache:
+                self._cache[name] = self._load(self.sources[name])
+            return self._cache[name]
+
+    def _load(self, location: str | None):
+        from hart import HARTPipeline
+        try:
+            if location is None:
+                return HARTPipeline.from_preset("tiny").to(self.device)
+            return HARTPipeline.from_pretrained(location, text_encoder=os.environ.get("HART_TEXT_ENCODER"),
+                                                device=self.device)
+        except Exception as err:  # a broken checkpoint must not take the server down
+            raise error(f"could not load model from {location}: {err}") from err
+
+
+def strip(images: list[Image.Image]) -> Image.Image | None:
+    """Several images side by side at native size (one image is returned as is)."""
+    if len(images) <= 1:
+        return images[0] if images else None
+    out = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
+    x = 0
+    for im in images:
+        out.paste(im, (x, 0))
+        x += im.width
+    return out
+
+
+def in_one_thread(items: Iterator) -> Iterator:
+    """Drive a generator from one worker thread and relay its items. gradio resumes a generator
+    handler on arbitrary threads, but torch.inference_mode/autocast inside pipe.stream are thread-local."""
+    channel: queue.Queue = queue.Queue()
+    end = object()
+
+    def work() -> None:
+        try:
+            for item in items:
+                channel.put((item, None))
+            channel.put((end, None))
+        except BaseException as err:  # re-raised in the consumer
+            channel.put((end, err))
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        item, err = channel.get()
+        if err is not None:
+            raise err
+        if item is end:
+            return
+        yield item
+
+
+def number(name: str, value: Any, lo: float, hi: float, integer: bool = False, above: bool = False) -> Any:
+    """Coerce and range-check one value; `above` makes the lower bound exclusive."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise error(f"{name} must be a number, got {value!r}") from None
+    bounds = f"({lo}, {hi}]" if above else f"[{lo}, {hi}]"
+    if not math.isfinite(v) or v > hi or v < lo or (above and v == lo):
+        raise error(f"{name} must be in {bounds}, got {value!r}")
+    if integer and v != int(v):
+        raise error(f"{name} must be a whole number, got {value!r}")
+    return int(v) if integer else v
+
+
+def check_inputs(prompt: str | None, cfg: Any, diffusion_steps: Any, use_residual: Any, top_k: Any, top_p: Any,
+                 temperature: Any, more_smooth: Any, num_images: Any) -> tuple[str, dict, int]:
+    """Validated (prompt, sampling options, image count); gr.Error names the offending value."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise error("Please enter a prompt.")
+    if len(prompt) > MAX_PROMPT:
+        raise error(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT}.")
+    opts = dict(cfg=number("cfg", cfg, 0, 20), diffusion_steps=number("diffusion steps", diffusion_steps, 1, 50, True),
+                use_residual=bool(use_residual), top_k=number("top-k", top_k, 0, 1e9, True),
+                top_p=number("top-p", top_p, 0, 1), temperature=number("temperature", temperature, 0, 10, above=True),
+                more_smooth=bool(more_smooth))
+    return prompt, opts, number("number of images", num_images, 1, 4, True)
+
+
+def info_text(model: str, seed: int, resolution: int, opts: dict, timings: dict, count: int) -> str:
+    t = {k: f"{timings.get(k, 0.0):.2f} s" for k in ("text", "ar", "diffusion", "decode", "total")}
+    residual = f"on, {opts['diffusion_steps']} steps" if opts["use_residual"] else "off"
+    return (f"**Seed: {seed}** · {resolution}px · {count} image(s) · model: {model}\n"
+            f"cfg {opts['cfg']:g} · residual {residual} · top-k {opts['top_k']} · top-p {opts['top_p']:g} · "
+            f"temperature {opts['temperature']:g} · more smooth {'on' if opts['more_smooth'] else 'off'}\n"
+            f"Timings: text {t['text']} · AR {t['ar']} · residual diffusion {t['diffusion']} · "
+            f"decode {t['decode']} · **total {t['total']}**")
+
+
+def build_demo(model_sources: dict[str, str | None] | None = None, default: str | None = None) -> gr.Blocks:
+    """The whole UI; loads the default model (the first that loads) to fill in its defaults."""
+    registry = ModelRegistry(model_sources or default_sources(os.environ.get("HART_MODEL")))
+    order = [default] + [n for n in registry.names if n != default] if default else registry.names
+    pipe, load_errors = None, []
+    for default in order:  # the first model that loads becomes the default
+        try:
+            pipe = registry.get(default)
+            break
+        except gr.Error as err:
+            load_errors.append(err.message)
+            print(f"warning: {err.message}")
+    if pipe is None:
+        raise RuntimeError("no model could be loaded: " + "; ".join(load_errors))
+    d = pipe.sampling_defaults
+
+    @gpu_task
+    def generate(prompt: str, resolution: Any, cfg: float, diffusion_steps: float, use_residual: bool,
+                 seed: float, randomize_seed: bool, top_k: float, top_p: float, temperature: float,
+                 more_smooth: bool, num_images: float, model: str, progress: gr.Progress = gr.Progress()
+                 ) -> Iterator[tuple]:
+        prompt, opts, count = check_inputs(prompt, cfg, diffusion_steps, use_residual, top_k, top_p, temperature,
+                                           more_smooth, num_images)
+        seed = secrets.randbelow(MAX_SEED + 1) if randomize_seed else number("seed", seed, 0, MAX_SEED, True)
+        pipe = registry.get(model)
+        res = number("resolution", resolution, 1, math.inf, True)
+        if res not in pipe.resolutions:
+            raise error(f"Resolution {resolution} is not available for model {model!r}; "
+                        f"choose one of {pipe.resolutions}.")
+        scales = len(pipe.schedules[res])
+        progress(0, desc="encoding prompt")
+        try:
+            for item in in_one_thread(pipe.stream(prompt, resolution=res, seed=seed, num_images=count, **opts)):
+                if isinstance(item, tuple):
+                    k = item[0] + 1
+                    progress((k, scales), desc=f"scale {k}/{scales}")
+                    yield strip(item[1]), None, None, f"Generating: scale {k}/{scales} (seed {seed})"
+                else:
+                    result = item
+        except ValueError as err:
+            raise error(str(err)) from err
+        with_residual = bool(use_residual and result.residual_maps)
+        yield (strip(result.discrete_images), strip(result.images) if with_residual else None,
+               strip(result.residual_maps) if with_residual else None,
+               info_text(model, result.seed, res, opts, result.timings, count))
+
+    def on_model_change(model: str) -> tuple:
+        p = registry.get(model)
+        s = p.sampling_defaults
+        return (gr.update(choices=p.resolutions, value=p.default_resolution), s.cfg,
+                min(max(s.diffusion_steps, 1), 50), s.top_k, s.top_p, s.temperature)
+
+    with gr.Blocks(title="HART text-to-image") as demo:
+        note = " **Random weights: images are noise.** Train or bundle a model to get pictures." \
+            if default == TINY else ""
+        gr.Markdown("## HART: hybrid autoregressive text-to-image\nTokens are sampled scale by scale "
+                    "(discrete), then a small diffusion head adds the continuous residual (hybrid). "
+                    f"Default model: `{default}`.{note}")
+        with gr.Row():
+            with gr.Column(scale=2, min_width=320):
+                prompt = gr.Textbox(label="Prompt", placeholder="e.g. red apple", max_length=MAX_PROMPT,
+                                    lines=1, max_lines=3, elem_id="prompt")
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+                resolution = gr.Dropdown(pipe.resolutions, value=pipe.default_resolution, label="Resolution (px)",
+                                         allow_custom_value=True, elem_id="resolution")
+                cfg = gr.Slider(0, 20, value=d.cfg, step=0.1, label="Guidance (cfg)", elem_id="cfg")
+                steps = gr.Slider(1, 50, value=min(max(d.diffusion_steps, 1), 50), step=1,
+                                  label="Residual diffusion steps", elem_id="diffusion_steps")
+                use_residual = gr.Checkbox(d.use_residual, label="Use residual (hybrid)", elem_id="use_residual")
+                with gr.Row():
+                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+                    randomize = gr.Checkbox(True, label="Randomize seed", elem_id="randomize_seed")
+                with gr.Accordion("Advanced", open=False):
+                    top_k = gr.Slider(0, 1000, value=d.top_k, step=1, label="Top-k (0 = off)", elem_id="top_k")
+                    top_p = gr.Slider(0, 1, value=d.top_p, step=0.01, label="Top-p (0 = off)", elem_id="top_p")
+                    temperature = gr.Slider(0.05, 2, value=d.temperature, step=0.05, label="Temperature",
+                                            elem_id="temperature")
+                    more_smooth = gr.Checkbox(d.more_smooth, label="More smooth (Gumbel mixture of codes)",
+                                              elem_id="more_smooth")
+                    num_images = gr.Slider(1, 4, value=1, step=1, label="Number of images (shown side by side)",
+                                           elem_id="num_images")
+                    model = gr.Dropdown(registry.names, value=default, label="Model", elem_id="model")
+                gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], api_visibility="private")
+            with gr.Column(scale=3):
+                image_kw = dict(type="pil", format="png", height=320, interactive=False,
+                                buttons=["download", "fullscreen"])
+                with gr.Row():
+                    discrete = gr.Image(label="Discrete only", elem_id="image_discrete", **image_kw)
+                    hybrid = gr.Image(label="Hybrid: discrete + residual", elem_id="image_hybrid", **image_kw)
+                with gr.Row():
+                    residual = gr.Image(label="What the residual added (heat map)", elem_id="image_residual",
+                                        **image_kw)
+                    info = gr.Markdown("Press **Generate** or Enter.", line_breaks=True, elem_id="info")
+        gr.on([run.click, prompt.submit], generate,
+              inputs=[prompt, resolution, cfg, steps, use_residual, seed, randomize, top_k, top_p, temperature,
+                      more_smooth, num_images, model],
+              outputs=[discrete, hybrid, residual, info], api_name="generate", show_progress_on=[hybrid])
+        model.change(on_model_change, model, [resolution, cfg, steps, top_k, top_p, temperature],
+                     api_visibility="private")
+    demo.queue(max_size=16, default_concurrency_limit=1)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    on_space = bool(os.environ.get("SPACE_ID"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--model", default=os.environ.get("HART_MODEL"),
+                        help="pipeline folder, official checkpoint or hub id (default: $HART_MODEL)")
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    args = parser.parse_args(argv)
+    demo = build_demo(default_sources(args.model))
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, theme=theme())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""What both trainers share: run configs (dataclass <- JSON/YAML file <- command line),
+accelerate set-up, EMA, the LR schedule, atomic checkpoints with exact resume, and logs.
+
+Randomness is keyed by (seed, step, process): every step draws from its own generator, so a
+resumed run repeats exactly the draws an uninterrupted run would have made."""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+import shutil
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hart.checkpoint import CheckpointError, read_weights, write_json, write_weights
+
+# fields that may differ between a checkpoint's run and the run resuming it
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "checkpoint_minutes", "log_every", "eval_every", "resume",
+                     "max_minutes", "out"}
+
+
+# ------------------------------------------------------------------ configs
+
+def _parse_value(text: str, kind: Any):
+    if kind in (bool, "bool"):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+    if kind in (int, "int"):
+        return int(text)
+    if kind in (float, "float"):
+        return float(text)
+    if isinstance(kind, str) and kind.startswith(("tuple", "list")):
+        return tuple(int(v) for v in text.replace(" ", "").strip("()[]").split(",") if v)
+    return text
+
+
+def load_config(cls, presets: dict, argv: list[str] | None = None, description: str = ""):
+    """Config from `--preset NAME`, then `--config FILE` (JSON or YAML), then `--field value` flags."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default=None, help=f"one of: {', '.join(presets)}")
+    parser.add_argument("--config", default=None, help="JSON or YAML file with config fields")
+    for f in dataclasses.fields(cls):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                            type=lambda t, k=kind: _parse_value(t, k), help=f"(default {f.default!r})")
+    args = parser.parse_args(argv)
+    values: dict = {}
+    if args.preset:
+        if args.preset not in presets:
+            parser.error(f"unknown preset {args.preset!r}; choose one of {', '.join(presets)}")
+        values.update(dataclasses.asdict(presets[args.preset]))
+    if args.config:
+        text = Path(args.config).read_text()
+        if args.config.endswith((".yaml", ".yml")):
+            import yaml
+            values.update(yaml.safe_load(text) or {})
+        else:
+            values.update(json.loads(text))
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        parser.error(f"unknown config fields: {', '.join(sorted(unknown))}")
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    return cls(**values)
+
+
+def check_resume_config(saved: dict, current: dict, source: Path) -> None:
+    diffs = [k for k in sorted(set(saved) | set(current))
+             if k not in RESUMABLE_CHANGES and _jsonable(saved.get(k)) != _jsonable(current.get(k))]
+    if diffs:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diffs)
+        raise CheckpointError(f"cannot resume from {source}: it was made with another config ({detail})")
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+# ------------------------------------------------------------------ accelerate
+
+def make_accelerator(mixed_precision: str, grad_accum: int = 1, log_dir: Path | None = None):
+    from accelerate import Accelerator
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if bf16_supported() else "no"
+    log_with = None
+    if log_dir is not None:
+        try:
+            import tensorboard  # noqa: F401
+            log_with = "tensorboard"
+        except ImportError:
+            pass
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                       log_with=log_with, project_dir=str(log_dir) if log_dir else None)
+
+
+def bf16_supported() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:  # CPUs with AMX/AVX512-BF16 run bf16 matmuls natively
+        flags = Path("/proc/cpuinfo").read_text()
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    except OSError:
+        return False
+
+
+def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + stream) % (2 ** 63))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 65_537 + epoch))
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Data indices of this process's share of global batch `step` (epochs reshuffled, no state)."""
+    global_batch = batch_size * world
+    per_epoch = max(1, n // global_batch)
+    epoch, offset = divmod(step, per_epoch)
+    order = epoch_order(n, seed, epoch)
+    start = offset * global_batch + rank * batch_size
+    return order[start:start + batch_size] if n >= global_batch else order[torch.arange(start, start + batch_size) % n]
+
+
+def cosine_lr(step: int, total: int, warmup: int, min_ratio: float = 0.05) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of a model's float parameters and buffers."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: short memory early on
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, model: nn.Module) -> nn.Module:
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+        return model
+
+
+# ------------------------------------------------------------------ checkpoints
+
+class Checkpointer:
+    """Checkpoints under out/checkpoints/step_N, written to a temp folder then renamed; the
+    file `latest` names the newest complete one. Older ones are pruned."""
+
+    def __init__(self, out: Path, keep: int = 2):
+        self.root = Path(out) / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        marker = self.root / "latest"
+        if not marker.is_file():
+            return None
+        path = self.root / marker.read_text().strip()
+        return path if path.is_dir() else None
+
+    def save(self, step: int, model: nn.Module, ema: EMA | None, optimizer, config: dict,
+             extra: dict | None = None) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp_step_{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write_weights(model.state_dict(), tmp / "model.safetensors")
+        if ema is not None:
+            write_weights(ema.shadow, tmp / "ema.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, **(extra or {})}, tmp / "state.pt")
+        write_json(config, tmp / "config.json")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        marker_tmp = self.root / "latest.tmp"
+        marker_tmp.write_text(final.name)
+        os.replace(marker_tmp, self.root / "latest")
+        for old in sorted(self.root.glob("step_*"))[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load(path: Path, model: nn.Module, ema: EMA | None, optimizer, config: dict) -> dict:
+        path = Path(path)
+        saved = json.loads((path / "config.json").read_text())
+        check_resume_config(saved, config, path)
+        from hart.checkpoint import load_into
+        load_into(model, read_weights(path / "model.safetensors"), str(path / "model.safetensors"))
+        if ema is not None:
+            ema.shadow = {k: v.float() for k, v in read_weights(path / "ema.safetensors").items()}
+        try:
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"corrupt training state {path / 'state.pt'}: {err}") from err
+        optimizer.load_state_dict(state["optimizer"])
+        return state
+
+
+# ------------------------------------------------------------------ logs
+
+class RunLog:
+    """JSONL metrics (one line per logged step) plus optional accelerate trackers."""
+
+    def __init__(self, out: Path, accelerator=None, resume_step: int = 0):
+        self.path = Path(out) / "log.jsonl"
+        self.accelerator = accelerator
+        if self.path.exists():  # drop lines from after the checkpoint we resume from
+            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+        self.started = time.time()
+
+    def write(self, step: int, **metrics) -> None:
+        record = {"step": step, "time": round(time.time() - self.started, 2), **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def records(self) -> list[dict]:
+        return [json.loads(l) for l in self.path.read_text().splitlines() if l] if self.path.exists() else []
+
+
+def plot_curves(records: list[dict], keys: list[str], path: Path, size=(640, 360)) -> None:
+    """A small loss-curve PNG drawn with Pillow (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]
+    margin = 40
+    series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in keys}
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
+    span_x, span_y = max(x1 - x0, 1), max(y1 - y0, 1e-9)
+    draw.rectangle([margin, 10, size[0] - 10, size[1] - margin], outline="black")
+    for i, (key, pts) in enumerate(series.items()):
+        coords = [(margin + (x - x0) / span_x * (size[0] - margin - 10),
+                   size[1] - margin - (y - y0) / span_y * (size[1] - margin - 10)) for x, y in pts]
+        if len(coords) > 1:
+            draw.line(coords, fill=colors[i % len(colors)], width=2)
+        draw.text((margin + 5, 12 + 12 * i), key, fill=colors[i % len(colors)])
+    draw.text((margin, size[1] - margin + 5), f"step {x0} .. {x1}", fill="black")
+    draw.text((2, 12), f"{y1:.3g}", fill="black")
+    draw.text((2, size[1] - margin - 12), f"{y0:.3g}", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def unwrap(accelerator, model: nn.Module) -> nn.Module:
+    return accelerator.unwrap_model(model) if accelerator is not None else model

@@ -1,0 +1,254 @@
+"""Train the hybrid tokenizer: one decoder, alternately fed the discrete-only latent and the
+full continuous latent (p = 0.5), with L1 + L2 reconstruction, VQ + commitment losses,
+dead-code restarts, and an optional PatchGAN discriminator after a warm-up.
+
+    python -m train.train_tokenizer --preset emoji-64 --out runs/tok64
+    accelerate launch --num_processes 2 -m train.train_tokenizer --preset emoji-64 ...
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+import json
+from pathlib import Path
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hart.checkpoint import write_json, write_weights
+from hart.presets import get_preset
+from hart.tokenizer import HybridTokenizer
+
+from .common import (Checkpointer, RunLog, batch_indices, cosine_lr, load_config, make_accelerator, plot_curves,
+                     step_generator, unwrap)
+from .data import load_dataset
+from .metrics import psnr, save_grid, ssim
+
+
+@dataclass
+class TokenizerTrainConfig:
+    data: str = "data/emoji"
+    out: str = "runs/tokenizer"
+    model_preset: str = "emoji"        # hart preset whose tokenizer architecture is trained
+    resolution: int = 64
+    scales: tuple = ()                 # scale schedule; empty = the preset's for this resolution
+    batch_size: int = 32
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    warmup: int = 100
+    steps: int = 3000
+    continuous_prob: float = 0.5
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    vq_weight: float = 1.0
+    dead_code_every: int = 200         # restart codes unused over this many steps (0 = off)
+    disc_weight: float = 0.0           # PatchGAN hinge loss weight (0 = off)
+    disc_start: int = 1000
+    grad_clip: float = 1.0
+    mixed_precision: str = "auto"      # no | bf16 | fp16 | auto (bf16 where the hardware has it)
+    seed: int = 0
+    val_fraction: float = 0.05
+    log_every: int = 20
+    eval_every: int = 1000
+    checkpoint_every: int = 500
+    checkpoint_minutes: float = 10.0
+    max_minutes: float = 0.0           # stop (with a checkpoint) after this long; 0 = no limit
+    resume: bool = True
+
+
+PRESETS = {
+    "tiny": TokenizerTrainConfig(model_preset="tiny", resolution=32, batch_size=8, steps=30, warmup=5,
+                                 log_every=5, eval_every=30, checkpoint_every=15, dead_code_every=10),
+    "emoji-64": TokenizerTrainConfig(steps=1000, warmup=50, dead_code_every=100, eval_every=500,
+                                     checkpoint_every=200, checkpoint_minutes=5.0),
+    "emoji-128": TokenizerTrainConfig(resolution=128, batch_size=16, steps=1500),
+}
+
+
+class PatchDiscriminator(nn.Module):
+    """Small PatchGAN: strided 4x4 convs, LeakyReLU, one logit per patch."""
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        super().__init__()
+        mods, ch = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
+        for i in range(1, layers):
+            mods += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False), nn.GroupNorm(8, ch * 2), nn.LeakyReLU(0.2)]
+            ch *= 2
+        mods.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.main = nn.Sequential(*mods)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def schedule_for(cfg: TokenizerTrainConfig) -> tuple[int, ...]:
+    if cfg.scales:
+        return tuple(cfg.scales)
+    preset = get_preset(cfg.model_preset)
+    if cfg.resolution not in preset.resolutions:
+        raise ValueError(f"resolution {cfg.resolution} has no schedule in preset {cfg.model_preset!r} "
+                         f"({sorted(preset.resolutions)}); pass --scales")
+    return preset.resolutions[cfg.resolution]
+
+
+@torch.no_grad()
+def restart_dead_codes(tokenizer: HybridTokenizer, usage: torch.Tensor, latents: torch.Tensor,
+                       generator: torch.Generator) -> int:
+    """Move unused codes onto random current encoder latents (plus a little noise)."""
+    dead = (usage == 0).nonzero().flatten()
+    if len(dead) == 0 or len(latents) == 0:
+        return 0
+    pick = torch.randint(0, len(latents), (len(dead),), generator=generator)
+    noise = torch.randn(len(dead), latents.shape[1], generator=generator) * 0.01
+    tokenizer.quantize.embedding.weight.data[dead] = latents[pick].float() + noise
+    return len(dead)
+
+
+@torch.no_grad()
+def evaluate(tokenizer: HybridTokenizer, dataset, scales, batch_size: int = 64, max_items: int = 512):
+    """PSNR/SSIM of discrete-only and hybrid reconstructions, and codebook usage."""
+    tokenizer.eval()
+    totals = {"psnr_discrete": 0.0, "psnr_hybrid": 0.0, "ssim_discrete": 0.0, "ssim_hybrid": 0.0}
+    used = torch.zeros(tokenizer.config.vocab_size, dtype=torch.bool)
+    n = min(len(dataset), max_items)
+    examples = None
+    for start in range(0, n, batch_size):
+        images = torch.stack([dataset[i]["image"] for i in range(start, min(n, start + batch_size))])
+        indices, residual = tokenizer.encode(images, scales)
+        fhat = tokenizer.indices_to_fhat(indices, scales)
+        discrete, hybrid = tokenizer.decode(fhat), tokenizer.decode(fhat, residual)
+        for idx in indices:
+            used[idx.flatten()] = True
+        for name, recon in (("discrete", discrete), ("hybrid", hybrid)):
+            totals[f"psnr_{name}"] += psnr(recon, images).sum().item()
+            totals[f"ssim_{name}"] += ssim(recon, images).sum().item()
+        if examples is None:
+            examples = (images[:8], discrete[:8], hybrid[:8])
+    metrics = {k: round(v / n, 4) for k, v in totals.items()}
+    metrics["codebook_usage"] = round(used.float().mean().item(), 4)
+    return metrics, examples
+
+
+def train(cfg: TokenizerTrainConfig) -> dict:
+    out = Path(cfg.out)
+    scales = schedule_for(cfg)
+    tok_cfg = get_preset(cfg.model_preset).tokenizer
+    tok_cfg.continuous_prob = cfg.continuous_prob
+    if cfg.resolution % tok_cfg.downsample:
+        raise ValueError(f"resolution {cfg.resolution} is not divisible by the tokenizer's downsampling "
+                         f"factor {tok_cfg.downsample}")
+    if scales[-1] * tok_cfg.downsample != cfg.resolution:
+        raise ValueError(f"scales {scales}: the last scale x {tok_cfg.downsample} must equal {cfg.resolution}")
+    accelerator = make_accelerator(cfg.mixed_precision, log_dir=out)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_set = load_dataset(cfg.data, cfg.resolution, "train", cfg.val_fraction, cfg.seed, caption_variation=False)
+    val_set = load_dataset(cfg.data, cfg.resolution, "val", cfg.val_fraction, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = HybridTokenizer(tok_cfg)
+    disc = PatchDiscriminator() if cfg.disc_weight > 0 else None
+    params = list(tokenizer.parameters()) + (list(disc.parameters()) if disc else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.5, 0.9), weight_decay=cfg.weight_decay)
+    config_dict = asdict(cfg)
+    checkpointer = Checkpointer(out)
+    start_step = 0
+    latest = checkpointer.latest() if cfg.resume else None
+    holder = nn.ModuleDict({"tokenizer": tokenizer, **({"disc": disc} if disc else {})})
+    if latest is not None:
+        state = Checkpointer.load(latest, holder, None, optimizer, config_dict)
+        start_step = state["step"]
+        accelerator.print(f"resumed from {latest} at step {start_step}")
+    model, optimizer = accelerator.prepare(holder, optimizer)
+    log = RunLog(out, accelerator, start_step) if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        write_json(config_dict, out / "config.json")
+
+    usage = torch.zeros(tok_cfg.vocab_size, dtype=torch.long)
+    last_ckpt_time = started = time.time()
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not accelerator.is_main_process,
+               desc="tokenizer")
+    step = start_step
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup)
+        gen = step_generator(cfg.seed, step, rank)
+        idx = batch_indices(len(train_set), cfg.batch_size, step, cfg.seed, rank, world)
+        images = torch.stack([train_set[int(i)]["image"] for i in idx]).to(accelerator.device)
+        tok = unwrap(accelerator, model)["tokenizer"]
+        continuous = bool(torch.rand((), generator=gen) < cfg.continuous_prob)
+        model.train()
+        with accelerator.autocast():
+            recon, vq_loss, indices, _ = model["tokenizer"](images, scales, continuous=continuous)
+            recon = recon.float()
+            l1, l2 = (recon - images).abs().mean(), (recon - images).square().mean()
+            loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.vq_weight * vq_loss.float()
+            gan = torch.zeros(())
+            if disc is not None and step >= cfg.disc_start:
+                logits_real = model["disc"](images)
+                logits_fake_detached = model["disc"](recon.detach())
+                d_loss = F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake_detached).mean()
+                gan = -model["disc"](recon).mean()
+                loss = loss + cfg.disc_weight * gan + d_loss
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        for level in indices:
+            usage += torch.bincount(level.flatten().cpu(), minlength=tok_cfg.vocab_size)
+        if cfg.dead_code_every and (step + 1) % cfg.dead_code_every == 0:
+            with torch.no_grad():
+                latents = tok.encode_latent(images).permute(0, 2, 3, 1).reshape(-1, tok_cfg.z_channels)
+            usage = accelerator.reduce(usage.to(accelerator.device), "sum").cpu()
+            # same gathered latents and a rank-independent generator: every process restarts alike
+            restarted = restart_dead_codes(tok, usage, accelerator.gather(latents).cpu(),
+                                           step_generator(cfg.seed, step, 0, stream=1))
+            usage.zero_()
+            if log and restarted:
+                log.write(step + 1, dead_codes_restarted=restarted)
+        if log and (step + 1) % cfg.log_every == 0:
+            log.write(step + 1, loss=round(loss.item(), 5), l1=round(l1.item(), 5), l2=round(l2.item(), 5),
+                      vq=round(vq_loss.item(), 5), gan=round(float(gan), 5), continuous=continuous,
+                      lr=optimizer.param_groups[0]["lr"])
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(step + 1 - start_step) * cfg.batch_size * world / (time.time() - started):.1f}")
+        done = step + 1 == cfg.steps
+        out_of_time = cfg.max_minutes and (time.time() - started) / 60 >= cfg.max_minutes
+        if accelerator.is_main_process and (done or out_of_time or (step + 1) % cfg.checkpoint_every == 0
+                                            or (time.time() - last_ckpt_time) / 60 >= cfg.checkpoint_minutes):
+            checkpointer.save(step + 1, unwrap(accelerator, model), None, optimizer, config_dict)
+            last_ckpt_time = time.time()
+        if accelerator.is_main_process and ((step + 1) % cfg.eval_every == 0 or done):
+            metrics, examples = evaluate(tok, val_set, scales)
+            log.write(step + 1, **{f"val_{k}": v for k, v in metrics.items()})
+            save_grid(examples, out / "samples" / f"step_{step + 1:08d}.png")
+            tok.train()
+        accelerator.wait_for_everyone()
+        if out_of_time:
+            break
+    result = {}
+    if accelerator.is_main_process:
+        tok = unwrap(accelerator, model)["tokenizer"].eval()
+        metrics, examples = evaluate(tok, val_set, scales)
+        result = {"step": step + 1, **metrics}
+        write_json(asdict(tok.config), out / "tokenizer" / "config.json")
+        write_weights(tok.state_dict(), out / "tokenizer" / "model.safetensors")
+        write_json(result, out / "eval.json")
+        save_grid(examples, out / "samples" / "final.png")
+        plot_curves(log.records(), ["l1", "l2", "vq"], out / "loss.png")
+    accelerator.end_training()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(TokenizerTrainConfig, PRESETS, argv, __doc__.splitlines()[0])
+    result = train(cfg)
+    if result:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
