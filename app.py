@@ -11,13 +11,12 @@ import argparse
 import math
 import os
 from pathlib import Path
-import queue
 import secrets
 import threading
 from typing import Any, Iterator
 
 import gradio as gr
-from PIL import Image
+from hart.pipeline import BUNDLED_MODEL, side_by_side
 
 try:  # Hugging Face ZeroGPU: request a GPU for the duration of each generation
     import spaces
@@ -27,7 +26,6 @@ except ImportError:
         return fn
 
 TINY = "tiny (random weights)"
-BUNDLED = Path(__file__).resolve().parent / "assets" / "hart-emoji"
 MAX_SEED = 2**31 - 1
 MAX_PROMPT = 500
 EXAMPLES = ["red apple", "grinning face", "waving hand: medium skin tone", "rocket", "sunflower",
@@ -54,8 +52,8 @@ def default_sources(model: str | None = None) -> dict[str, str | None]:
     sources: dict[str, str | None] = {}
     if model:
         sources[Path(model).name or model] = model
-    if (BUNDLED / "model_index.json").is_file():
-        sources.setdefault(BUNDLED.name, str(BUNDLED))
+    if (BUNDLED_MODEL / "model_index.json").is_file():
+        sources.setdefault(BUNDLED_MODEL.name, str(BUNDLED_MODEL))
     sources[TINY] = None
     return sources
 
@@ -93,42 +91,6 @@ class ModelRegistry:
             raise error(f"could not load model from {location}: {err}") from err
 
 
-def strip(images: list[Image.Image]) -> Image.Image | None:
-    """Several images side by side at native size (one image is returned as is)."""
-    if len(images) <= 1:
-        return images[0] if images else None
-    out = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
-    x = 0
-    for im in images:
-        out.paste(im, (x, 0))
-        x += im.width
-    return out
-
-
-def in_one_thread(items: Iterator) -> Iterator:
-    """Drive a generator from one worker thread and relay its items. gradio resumes a generator
-    handler on arbitrary threads, but torch.inference_mode/autocast inside pipe.stream are thread-local."""
-    channel: queue.Queue = queue.Queue()
-    end = object()
-
-    def work() -> None:
-        try:
-            for item in items:
-                channel.put((item, None))
-            channel.put((end, None))
-        except BaseException as err:  # re-raised in the consumer
-            channel.put((end, err))
-
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        item, err = channel.get()
-        if err is not None:
-            raise err
-        if item is end:
-            return
-        yield item
-
-
 def number(name: str, value: Any, lo: float, hi: float, integer: bool = False, above: bool = False) -> Any:
     """Coerce and range-check one value; `above` makes the lower bound exclusive."""
     try:
@@ -146,7 +108,7 @@ def number(name: str, value: Any, lo: float, hi: float, integer: bool = False, a
 def check_inputs(prompt: str | None, cfg: Any, diffusion_steps: Any, use_residual: Any, top_k: Any, top_p: Any,
                  temperature: Any, more_smooth: Any, num_images: Any) -> tuple[str, dict, int]:
     """Validated (prompt, sampling options, image count); gr.Error names the offending value."""
-    prompt = (prompt or "").strip()
+    prompt = (prompt or "").side_by_side()
     if not prompt:
         raise error("Please enter a prompt.")
     if len(prompt) > MAX_PROMPT:
@@ -200,18 +162,18 @@ def build_demo(model_sources: dict[str, str | None] | None = None, default: str 
         scales = len(pipe.schedules[res])
         progress(0, desc="encoding prompt")
         try:
-            for item in in_one_thread(pipe.stream(prompt, resolution=res, seed=seed, num_images=count, **opts)):
+            for item in pipe.stream(prompt, resolution=res, seed=seed, num_images=count, **opts):
                 if isinstance(item, tuple):
                     k = item[0] + 1
                     progress((k, scales), desc=f"scale {k}/{scales}")
-                    yield strip(item[1]), None, None, f"Generating: scale {k}/{scales} (seed {seed})"
+                    yield side_by_side(item[1]), None, None, f"Generating: scale {k}/{scales} (seed {seed})"
                 else:
                     result = item
         except ValueError as err:
             raise error(str(err)) from err
         with_residual = bool(use_residual and result.residual_maps)
-        yield (strip(result.discrete_images), strip(result.images) if with_residual else None,
-               strip(result.residual_maps) if with_residual else None,
+        yield (side_by_side(result.discrete_images), side_by_side(result.images) if with_residual else None,
+               side_by_side(result.residual_maps) if with_residual else None,
                info_text(model, result.seed, res, opts, result.timings, count))
 
     def on_model_change(model: str) -> tuple:

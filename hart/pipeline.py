@@ -5,7 +5,7 @@ A saved pipeline is a folder with `model_index.json` and one sub-folder per comp
 The official release layout (`llm/` + `tokenizer/`) and hub ids load too."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import secrets
@@ -25,6 +25,8 @@ from .tokenizer import HybridTokenizer, TokenizerConfig
 from .transformer import HARTTransformer, TransformerConfig
 
 FORMAT = "hart-pipeline"
+# the embedded default model shipped with the repository
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "hart-emoji"
 # VAR's 512px schedule, offered next to a 1024px official checkpoint's own schedule
 OFFICIAL_512_SCHEDULE = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
@@ -43,6 +45,18 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> PIL images (rounded, not truncated)."""
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+def side_by_side(images: list[Image.Image]) -> Image.Image | None:
+    """Images pasted left to right at native size (a single image is returned as is)."""
+    if len(images) <= 1:
+        return images[0] if images else None
+    canvas = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width
+    return canvas
 
 
 def residual_heatmap(hybrid: torch.Tensor, discrete: torch.Tensor) -> list[Image.Image]:
@@ -185,10 +199,12 @@ class HARTPipeline:
         prompts = [p for p in prompts for _ in range(num_images)]
         return prompts, resolution, opts, seed
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def _no_grad(self) -> ExitStack:
+        stack = ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        return stack
 
     def stream(self, prompt: str | list[str], resolution: int | None = None, cfg: float | None = None,
                diffusion_steps: int | None = None, use_residual: bool = True, seed: int | None = None,
@@ -202,31 +218,38 @@ class HARTPipeline:
                  top_p=top_p, temperature=temperature, more_smooth=more_smooth))
         generator = torch.Generator(self.device).manual_seed(seed)
         timings = {}
+        # grad mode and autocast are thread-local, and a caller (e.g. gradio) may resume this
+        # generator on another thread: enter them around each piece of work, never across a yield
         start = time.perf_counter()
-        with torch.inference_mode(), self._autocast():
+        with self._no_grad():
             states, _, positions = self.text_encoder(prompts)
-            timings["text"] = time.perf_counter() - start
-            t_ar = time.perf_counter()
-            output: SampleOutput | None = None
-            preview_time = 0.0
-            for item in iter_sample(self.transformer, self.tokenizer, states.to(self.device),
-                                    positions.to(self.device), self.schedules[resolution], opts, generator):
+        timings["text"] = time.perf_counter() - start
+        t_ar = time.perf_counter()
+        steps = iter_sample(self.transformer, self.tokenizer, states.to(self.device), positions.to(self.device),
+                            self.schedules[resolution], opts, generator)
+        preview_time = 0.0
+        while True:
+            with self._no_grad():
+                item = next(steps)
                 if isinstance(item, SampleOutput):
-                    output = item
-                elif previews:
-                    t_prev = time.perf_counter()
-                    images = to_pil(self.tokenizer.decode(item[1]))
-                    preview_time += time.perf_counter() - t_prev
-                    yield item[0], images
-            timings["diffusion"] = output.diffusion_time
-            timings["ar"] = time.perf_counter() - t_ar - output.diffusion_time - preview_time
-            t_dec = time.perf_counter()
+                    break
+                if not previews:
+                    continue
+                t_prev = time.perf_counter()
+                images = to_pil(self.tokenizer.decode(item[1]))
+                preview_time += time.perf_counter() - t_prev
+            yield item[0], images
+        output = item
+        timings["diffusion"] = output.diffusion_time
+        timings["ar"] = time.perf_counter() - t_ar - output.diffusion_time - preview_time
+        t_dec = time.perf_counter()
+        with self._no_grad():
             # decoded separately (not as one batch) so the discrete image is bit-identical
             # whether or not the residual head runs
             discrete = hybrid = self.tokenizer.decode(output.fhat_discrete)
             if output.residual is not None:
                 hybrid = self.tokenizer.decode(output.fhat_discrete, output.residual)
-            timings["decode"] = time.perf_counter() - t_dec
+        timings["decode"] = time.perf_counter() - t_dec
         timings["total"] = time.perf_counter() - start - preview_time
         discrete_images = to_pil(discrete)
         yield GenerationResult(images=to_pil(hybrid) if output.residual is not None else discrete_images,

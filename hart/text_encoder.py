@@ -9,7 +9,6 @@ Kinds:
 from __future__ import annotations
 
 from dataclasses import dataclass, asdict
-from pathlib import Path
 
 import torch
 import torch.nn as nn

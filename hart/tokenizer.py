@@ -6,8 +6,7 @@ after stripping the prefix.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch

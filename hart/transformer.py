@@ -7,7 +7,7 @@ scales sit on it at interpolated coordinates), so one set of weights runs any sc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import math
 
 import torch

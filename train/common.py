@@ -6,7 +6,6 @@ resumed run repeats exactly the draws an uninterrupted run would have made."""
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -99,8 +98,11 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1, log_dir: Path | 
             log_with = "tensorboard"
         except ImportError:
             pass
+    # cpu=True on machines without CUDA: then `accelerate launch --multi_gpu --num_processes N`
+    # runs N CPU processes over gloo (accelerate's --cpu launcher starts only one process)
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
-                       log_with=log_with, project_dir=str(log_dir) if log_dir else None)
+                       log_with=log_with, project_dir=str(log_dir) if log_dir else None,
+                       cpu=not torch.cuda.is_available())
 
 
 def bf16_supported() -> bool:
@@ -268,3 +270,16 @@ def plot_curves(records: list[dict], keys: list[str], path: Path, size=(640, 360
 
 def unwrap(accelerator, model: nn.Module) -> nn.Module:
     return accelerator.unwrap_model(model) if accelerator is not None else model
+
+
+def weights_checksum(module: nn.Module) -> float:
+    """A cheap fingerprint of a module's weights (to confirm processes stayed in sync)."""
+    return float(sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(module.parameters())))
+
+
+def record_process_checksums(accelerator, module: nn.Module, out: Path) -> list[float]:
+    values = accelerator.gather(torch.tensor([weights_checksum(module)], dtype=torch.float64,
+                                             device=accelerator.device)).cpu().tolist()
+    if accelerator.is_main_process:
+        write_json({"checksums": values}, Path(out) / "process_checksums.json")
+    return values

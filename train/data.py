@@ -209,9 +209,13 @@ class ImageCaptionDataset(Dataset):
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")  # str seeds are hash-seed independent
         return vary_caption(record["text"], record.get("aliases") or [], rng)
 
+    def image(self, index: int) -> torch.Tensor:
+        """Image at full-data position `index` (any split) as float [3, R, R] in [-1, 1]."""
+        return _to_tensor(self._image(index))
+
     def __getitem__(self, i: int) -> dict:
         index = self.indices[i]
-        return {"image": _to_tensor(self._image(index)), "text": self.caption(index), "index": index}
+        return {"image": self.image(index), "text": self.caption(index), "index": index}
 
 
 def _load_packed(path: Path) -> np.ndarray:

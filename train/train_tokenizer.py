@@ -22,7 +22,7 @@ from hart.checkpoint import write_json, write_weights
 from hart.presets import get_preset
 from hart.tokenizer import HybridTokenizer
 
-from .common import (Checkpointer, RunLog, batch_indices, cosine_lr, load_config, make_accelerator, plot_curves,
+from .common import (record_process_checksums, Checkpointer, RunLog, batch_indices, cosine_lr, load_config, make_accelerator, plot_curves,
                      step_generator, unwrap)
 from .data import load_dataset
 from .metrics import psnr, save_grid, ssim
@@ -157,16 +157,17 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     start_step = 0
     latest = checkpointer.latest() if cfg.resume else None
     holder = nn.ModuleDict({"tokenizer": tokenizer, **({"disc": disc} if disc else {})})
+    usage = torch.zeros(tok_cfg.vocab_size, dtype=torch.long)  # code hits since the last restart
     if latest is not None:
         state = Checkpointer.load(latest, holder, None, optimizer, config_dict)
         start_step = state["step"]
+        usage = state.get("usage", usage)
         accelerator.print(f"resumed from {latest} at step {start_step}")
     model, optimizer = accelerator.prepare(holder, optimizer)
     log = RunLog(out, accelerator, start_step) if accelerator.is_main_process else None
     if accelerator.is_main_process:
         write_json(config_dict, out / "config.json")
 
-    usage = torch.zeros(tok_cfg.vocab_size, dtype=torch.long)
     last_ckpt_time = started = time.time()
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not accelerator.is_main_process,
                desc="tokenizer")
@@ -218,7 +219,8 @@ def train(cfg: TokenizerTrainConfig) -> dict:
         out_of_time = cfg.max_minutes and (time.time() - started) / 60 >= cfg.max_minutes
         if accelerator.is_main_process and (done or out_of_time or (step + 1) % cfg.checkpoint_every == 0
                                             or (time.time() - last_ckpt_time) / 60 >= cfg.checkpoint_minutes):
-            checkpointer.save(step + 1, unwrap(accelerator, model), None, optimizer, config_dict)
+            checkpointer.save(step + 1, unwrap(accelerator, model), None, optimizer, config_dict,
+                              {"usage": usage})
             last_ckpt_time = time.time()
         if accelerator.is_main_process and ((step + 1) % cfg.eval_every == 0 or done):
             metrics, examples = evaluate(tok, val_set, scales)
@@ -238,6 +240,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
         write_json(result, out / "eval.json")
         save_grid(examples, out / "samples" / "final.png")
         plot_curves(log.records(), ["l1", "l2", "vq"], out / "loss.png")
+    record_process_checksums(accelerator, unwrap(accelerator, model)["tokenizer"], out)
     accelerator.end_training()
     return result
 

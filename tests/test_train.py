@@ -1,0 +1,166 @@
+"""Trainers: loss goes down, exact resume after SIGKILL, two-process accelerate run, token dropping."""
+import json
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from hart import HARTPipeline
+from hart.checkpoint import CheckpointError, read_weights
+from hart.presets import get_preset
+from hart.tokenizer import HybridTokenizer
+from hart.transformer import HARTTransformer
+from train.train_ar import ARLoss, ARTrainConfig, last_scale_keep, train as train_ar
+from train.train_tokenizer import TokenizerTrainConfig, train as train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = ["red", "green", "blue", "orange", "purple", "black", "yellow", "cyan"]
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shapes")
+    lines = []
+    for i, color in enumerate(COLORS):
+        img = Image.new("RGB", (32, 32), "white")
+        draw = ImageDraw.Draw(img)
+        if i % 2:
+            draw.ellipse([6, 6, 26, 26], fill=color)
+        else:
+            draw.rectangle([8, 8, 24, 24], fill=color)
+        img.save(folder / f"{i}.png")
+        lines.append(json.dumps({"file": f"{i}.png", "text": f"{color} {'circle' if i % 2 else 'square'}"}))
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(shapes_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(TokenizerTrainConfig(model_preset="tiny", data=str(shapes_data), out=str(out), resolution=32,
+                                         batch_size=4, steps=40, warmup=5, lr=2e-3, log_every=5, eval_every=40,
+                                         checkpoint_every=40, val_fraction=0.25, mixed_precision="no"))
+    return out
+
+
+def losses(out: Path, key: str) -> list[float]:
+    return [r[key] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if key in r]
+
+
+def test_tokenizer_training_lowers_loss(tiny_tokenizer):
+    l1 = losses(tiny_tokenizer, "l1")
+    assert l1[-1] < 0.7 * l1[0]
+    result = json.loads((tiny_tokenizer / "eval.json").read_text())
+    assert result["psnr_hybrid"] > 10 and 0 < result["codebook_usage"] <= 1
+    assert (tiny_tokenizer / "samples" / "final.png").is_file() and (tiny_tokenizer / "loss.png").is_file()
+
+
+def ar_config(data, tok, out, **kw):
+    base = dict(model_preset="tiny", data=str(data), tokenizer=str(tok / "tokenizer"), out=str(out), resolution=32,
+                batch_size=4, steps=40, warmup=5, lr=3e-3, log_every=5, eval_every=1000, checkpoint_every=40,
+                diffusion_batch_mul=2, mixed_precision="no")
+    base.update(kw)
+    return ARTrainConfig(**base)
+
+
+def test_ar_training_lowers_loss_and_saves_a_pipeline(shapes_data, tiny_tokenizer, tmp_path):
+    train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar"))
+    ce = losses(tmp_path / "ar", "ce")
+    assert ce[-1] < 0.8 * ce[0]
+    pipe = HARTPipeline.from_pretrained(tmp_path / "ar" / "model")
+    assert pipe.resolutions == [32]
+    result = pipe("red square", seed=0)
+    assert result.images[0].size == (32, 32)
+    assert (tmp_path / "ar" / "model" / "transformer" / "model_raw.safetensors").is_file()
+
+
+def run_trainer(module: str, args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(shapes_data, tmp_path):
+    args = ["--preset", "tiny", "--data", str(shapes_data), "--resolution", "32", "--batch-size", "4",
+            "--steps", "24", "--checkpoint-every", "4", "--eval-every", "1000", "--val-fraction", "0.25",
+            "--mixed-precision", "no", "--dead-code-every", "6"]
+    full = run_trainer("train.train_tokenizer", args + ["--out", str(tmp_path / "full")])
+    killed = run_trainer("train.train_tokenizer", args + ["--out", str(tmp_path / "killed")])
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts / "latest").is_file():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert full.wait() == 0, full.stderr.read().decode()[-2000:]
+    marker = (ckpts / "latest").read_text()
+    assert marker.startswith("step_") and int(marker[5:]) < 24  # really interrupted
+    resumed = run_trainer("train.train_tokenizer", args + ["--out", str(tmp_path / "killed")])
+    assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
+    a = read_weights(tmp_path / "full" / "tokenizer" / "model.safetensors")
+    b = read_weights(tmp_path / "killed" / "tokenizer" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_with_another_config_is_refused(shapes_data, tiny_tokenizer, tmp_path):
+    train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=5, checkpoint_every=5))
+    with pytest.raises(CheckpointError, match="batch_size"):
+        train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=10, batch_size=2))
+
+
+def test_two_process_accelerate_run_keeps_weights_identical(shapes_data, tiny_tokenizer, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "train.train_ar", "--preset", "tiny", "--data", str(shapes_data),
+           "--tokenizer", str(tiny_tokenizer / "tokenizer"), "--out", str(out), "--steps", "6",
+           "--batch-size", "2", "--mixed-precision", "no", "--eval-every", "1000", "--diffusion-batch-mul", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checksums = json.loads((out / "process_checksums.json").read_text())["checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert (out / "model" / "model_index.json").is_file()
+
+
+def test_token_dropping_feeds_the_expected_tokens():
+    gen = torch.Generator().manual_seed(0)
+    counts = [last_scale_keep(3, 256, 16, gen).shape[1] for _ in range(400)]
+    ratios = [1 - c / 256 for c in counts]
+    assert min(counts) >= 16 and max(counts) <= 128  # mask ratio within [0.5, 1]
+    assert 0.78 < sum(ratios) / len(ratios) < 0.86  # truncated normal mean ~0.82
+    keep = last_scale_keep(2, 64, 16, gen)
+    assert (keep[:, 1:] > keep[:, :-1]).all()  # sorted, no repeats
+
+    preset = get_preset("tiny")
+    tf, tok = HARTTransformer(preset.transformer), HybridTokenizer(preset.tokenizer)
+    sizes = preset.resolutions[64]
+    module = ARLoss(tf, tok, ARTrainConfig(diffusion_batch_mul=3))
+    seen = {}
+    tf.diffloss.loss = lambda target, z, generator=None: seen.update(n=target.shape[0]) or target.sum() * 0
+    L = sum(s * s for s in sizes)
+    keep = torch.stack([torch.randperm(64)[:20].sort().values for _ in range(2)])
+    loss, *_ = module(torch.randn(2, 16, 32), torch.arange(16).expand(2, -1), torch.randn(2, L - 1, 8),
+                      torch.randint(0, 64, (2, L)), torch.randn(2, 64, 8), sizes, keep, gen)
+    assert seen["n"] == 2 * 20 * 3  # kept last-scale tokens x batch x diffusion_batch_mul
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(resolution=30), "divisible"),
+    (dict(data="does/not/exist"), "not found"),
+])
+def test_bad_training_input(shapes_data, tiny_tokenizer, tmp_path, overrides, message):
+    data = overrides.pop("data", shapes_data)
+    cfg = ar_config(data, tiny_tokenizer, tmp_path / "bad", scales=(1, 2, 3, 4), **overrides)
+    with pytest.raises(ValueError, match=message):
+        train_ar(cfg)
