@@ -108,7 +108,7 @@ def number(name: str, value: Any, lo: float, hi: float, integer: bool = False, a
 def check_inputs(prompt: str | None, cfg: Any, diffusion_steps: Any, use_residual: Any, top_k: Any, top_p: Any,
                  temperature: Any, more_smooth: Any, num_images: Any) -> tuple[str, dict, int]:
     """Validated (prompt, sampling options, image count); gr.Error names the offending value."""
-    prompt = (prompt or "").side_by_side()
+    prompt = (prompt or "").strip()
     if not prompt:
         raise error("Please enter a prompt.")
     if len(prompt) > MAX_PROMPT:

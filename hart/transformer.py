@@ -266,10 +266,8 @@ class HARTTransformer(nn.Module):
             keep = torch.cat([torch.arange(start, device=device).expand(B, -1), keep_last + start], dim=1)
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
             angles = angles.gather(1, keep[..., None].expand(-1, -1, angles.shape[-1]))
-            levels_b = levels[keep]  # [B, L']
-        else:
-            levels_b = levels[None].expand(B, -1)
-        mask = (levels_b[:, :, None] >= levels_b[:, None, :])[:, None]  # [B, 1, L', L']
+            levels = levels[keep[0]]  # every row keeps the same count, so the same levels
+        mask = (levels[:, None] >= levels[None, :])[None, None]  # [1, 1, L', L']: block-causal
         cos, sin = self._rope(angles, x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin, mask)

@@ -245,3 +245,14 @@ def test_bad_input_raises_clear_errors(pipe, kwargs, message):
 def test_empty_prompt_list(pipe):
     with pytest.raises(ValueError, match="empty"):
         pipe([])
+
+
+def test_generate_cli_writes_png(pipe, tmp_path, capsys):
+    from PIL import Image
+    from hart.generate import main
+    pipe.save_pretrained(tmp_path / "model")
+    out = tmp_path / "apple.png"
+    assert main(["red apple", "--model", str(tmp_path / "model"), "--out", str(out), "--num-images", "2",
+                 "--resolution", "32", "--discrete-out", str(tmp_path / "d.png")]) == 0
+    assert Image.open(out).size == (64, 32) and (tmp_path / "d.png").is_file()
+    assert "seed 0" in capsys.readouterr().out

@@ -164,3 +164,17 @@ def test_bad_training_input(shapes_data, tiny_tokenizer, tmp_path, overrides, me
     cfg = ar_config(data, tiny_tokenizer, tmp_path / "bad", scales=(1, 2, 3, 4), **overrides)
     with pytest.raises(ValueError, match=message):
         train_ar(cfg)
+
+
+def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):
+    from train.evaluate import evaluate
+    train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=10, checkpoint_every=10))
+    report = evaluate(str(tmp_path / "ar" / "model"), str(shapes_data), count=8, sweep=(0.0, 2.0), sweep_count=4,
+                      val_fraction=0.25)
+    entry = report["resolutions"]["32"]
+    assert set(entry["tokenizer"]) >= {"psnr_discrete", "psnr_hybrid", "ssim_discrete", "ssim_hybrid"}
+    for name in ("exact", "paraphrase"):
+        for kind in ("hybrid", "discrete"):
+            metrics = entry["generation"][name][kind]
+            assert 0 <= metrics["top1"] <= metrics["top5"] <= 1 and metrics["mean_nn_distance"] > 0
+    assert entry["latency_s"] > 0 and [row["cfg"] for row in entry["cfg_sweep"]] == [0.0, 2.0]

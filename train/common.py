@@ -73,7 +73,10 @@ def load_config(cls, presets: dict, argv: list[str] | None = None, description: 
     return cls(**values)
 
 
-def check_resume_config(saved: dict, current: dict, source: Path) -> None:
+def check_resume_config(saved: dict, current: dict, source: Path, defaults: dict | None = None) -> None:
+    """Refuse to resume with a different config. A field the checkpoint lacks (added to the
+    config class later) counts as its default value."""
+    saved = {**(defaults or {}), **saved}
     diffs = [k for k in sorted(set(saved) | set(current))
              if k not in RESUMABLE_CHANGES and _jsonable(saved.get(k)) != _jsonable(current.get(k))]
     if diffs:
@@ -200,10 +203,12 @@ class Checkpointer:
         return final
 
     @staticmethod
-    def load(path: Path, model: nn.Module, ema: EMA | None, optimizer, config: dict) -> dict:
+    def load(path: Path, model: nn.Module, ema: EMA | None, optimizer, config) -> dict:
+        """Restore a checkpoint into model/EMA/optimizer; `config` is the run's config dataclass."""
         path = Path(path)
         saved = json.loads((path / "config.json").read_text())
-        check_resume_config(saved, config, path)
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        check_resume_config(saved, dataclasses.asdict(config), path, defaults)
         from hart.checkpoint import load_into
         load_into(model, read_weights(path / "model.safetensors"), str(path / "model.safetensors"))
         if ema is not None:

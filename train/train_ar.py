@@ -276,7 +276,7 @@ def train(cfg: ARTrainConfig) -> dict:
     start_step = 0
     latest = checkpointer.latest() if cfg.resume else None
     if latest is not None:
-        start_step = Checkpointer.load(latest, transformer, ema, optimizer, config_dict)["step"]
+        start_step = Checkpointer.load(latest, transformer, ema, optimizer, cfg)["step"]
         accelerator.print(f"resumed from {latest} at step {start_step}")
     loss_module = ARLoss(transformer, tokenizer, cfg)
     model, optimizer = accelerator.prepare(loss_module, optimizer)

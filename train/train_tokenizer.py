@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hart.checkpoint import write_json, write_weights
+from hart.checkpoint import config_from_dict, load_into, read_json, read_weights, write_json, write_weights
 from hart.presets import get_preset
-from hart.tokenizer import HybridTokenizer
+from hart.tokenizer import HybridTokenizer, TokenizerConfig
 
 from .common import (record_process_checksums, Checkpointer, RunLog, batch_indices, cosine_lr, load_config, make_accelerator, plot_curves,
                      step_generator, unwrap)
@@ -47,6 +47,8 @@ class TokenizerTrainConfig:
     dead_code_every: int = 200         # restart codes unused over this many steps (0 = off)
     disc_weight: float = 0.0           # PatchGAN hinge loss weight (0 = off)
     disc_start: int = 1000
+    init_from: str = ""                # tokenizer folder to start from
+    decoder_only: bool = False         # freeze encoder, codebook and phi (codes stay valid for a trained AR)
     grad_clip: float = 1.0
     mixed_precision: str = "auto"      # no | bf16 | fp16 | auto (bf16 where the hardware has it)
     seed: int = 0
@@ -135,7 +137,10 @@ def evaluate(tokenizer: HybridTokenizer, dataset, scales, batch_size: int = 64, 
 def train(cfg: TokenizerTrainConfig) -> dict:
     out = Path(cfg.out)
     scales = schedule_for(cfg)
-    tok_cfg = get_preset(cfg.model_preset).tokenizer
+    if cfg.init_from:
+        tok_cfg = config_from_dict(TokenizerConfig, read_json(Path(cfg.init_from) / "config.json"), cfg.init_from)
+    else:
+        tok_cfg = get_preset(cfg.model_preset).tokenizer
     tok_cfg.continuous_prob = cfg.continuous_prob
     if cfg.resolution % tok_cfg.downsample:
         raise ValueError(f"resolution {cfg.resolution} is not divisible by the tokenizer's downsampling "
@@ -149,8 +154,15 @@ def train(cfg: TokenizerTrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     tokenizer = HybridTokenizer(tok_cfg)
+    if cfg.init_from:
+        src = Path(cfg.init_from) / "model.safetensors"
+        load_into(tokenizer, read_weights(src), str(src))
+    if cfg.decoder_only:  # HART's recipe on a trained tokenizer: only the decoder side learns
+        for name, p in tokenizer.named_parameters():
+            p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
+    restart_every = 0 if cfg.decoder_only else cfg.dead_code_every
     disc = PatchDiscriminator() if cfg.disc_weight > 0 else None
-    params = list(tokenizer.parameters()) + (list(disc.parameters()) if disc else [])
+    params = [p for p in tokenizer.parameters() if p.requires_grad] + (list(disc.parameters()) if disc else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.5, 0.9), weight_decay=cfg.weight_decay)
     config_dict = asdict(cfg)
     checkpointer = Checkpointer(out)
@@ -159,7 +171,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     holder = nn.ModuleDict({"tokenizer": tokenizer, **({"disc": disc} if disc else {})})
     usage = torch.zeros(tok_cfg.vocab_size, dtype=torch.long)  # code hits since the last restart
     if latest is not None:
-        state = Checkpointer.load(latest, holder, None, optimizer, config_dict)
+        state = Checkpointer.load(latest, holder, None, optimizer, cfg)
         start_step = state["step"]
         usage = state.get("usage", usage)
         accelerator.print(f"resumed from {latest} at step {start_step}")
@@ -200,7 +212,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
         optimizer.step()
         for level in indices:
             usage += torch.bincount(level.flatten().cpu(), minlength=tok_cfg.vocab_size)
-        if cfg.dead_code_every and (step + 1) % cfg.dead_code_every == 0:
+        if restart_every and (step + 1) % restart_every == 0:
             with torch.no_grad():
                 latents = tok.encode_latent(images).permute(0, 2, 3, 1).reshape(-1, tok_cfg.z_channels)
             usage = accelerator.reduce(usage.to(accelerator.device), "sum").cpu()

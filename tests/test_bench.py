@@ -1,0 +1,190 @@
+"""The benchmark suite cannot rot: a tiny end-to-end run of bench/run.py whose JSON must hold
+every reported ratio as a finite positive number, plus the DiT baseline's sizing and shapes."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.dit import DDIMSampler, DiT, count_params, hart_param_count, match_hart
+from hart.presets import get_preset
+from hart.transformer import HARTTransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ DiT baseline
+
+@pytest.mark.parametrize("preset", ["tiny", "emoji"])
+def test_dit_parameter_count_matches_hart(preset):
+    tf = get_preset(preset).transformer
+    cfg = match_hart(tf)
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (tf.embed_dim, tf.depth, tf.num_heads)
+    assert (cfg.token_dim, cfg.context_dim) == (tf.token_dim, tf.context_dim)
+    with torch.device("meta"):
+        dit_params = count_params(DiT(cfg))
+    hart_params = hart_param_count(tf)
+    assert abs(dit_params - hart_params) / hart_params < 0.02, (dit_params, hart_params)
+
+
+def test_dit_count_on_meta_equals_real_build():
+    tf = get_preset("tiny").transformer
+    cfg = match_hart(tf)
+    assert count_params(DiT(cfg)) == count_params(DiT(cfg).to("meta"))
+    assert hart_param_count(tf) == count_params(HARTTransformer(tf))
+
+
+def test_dit_block_modulation_that_does_not_fit_is_refused():
+    with pytest.raises(ValueError, match="already has"):
+        match_hart(get_preset("tiny").transformer, modulation="block")
+
+
+@pytest.mark.parametrize("modulation", ["single", "block"])
+def test_dit_forward_and_sampling_shapes(modulation):
+    tf = get_preset("emoji").transformer if modulation == "block" else get_preset("tiny").transformer
+    if modulation == "block":  # a narrow copy of the emoji shapes, so the test stays fast
+        tf.embed_dim, tf.depth, tf.num_heads, tf.mlp_hidden, tf.diff_width = 64, 2, 4, 256, 64
+    cfg = match_hart(tf, modulation=modulation)
+    torch.manual_seed(0)
+    dit = DiT(cfg).eval()
+    for side in (4, 6):  # one set of weights, any latent grid
+        x = torch.randn(3, cfg.token_dim, side, side)
+        t = torch.tensor([0, 500, 999])
+        context = torch.randn(3, 16, cfg.context_dim)
+        out = dit(x, t, context)
+        assert out.shape == x.shape
+        assert torch.isfinite(out).all()
+    sampler = DDIMSampler(dit, steps=3, cfg=3.0)
+    rows = sampler.rows(context)
+    assert rows["pooled"].shape == (6, cfg.embed_dim)  # batched cond + uncond
+    head_dim = cfg.embed_dim // cfg.num_heads
+    assert len(rows["kv"]) == cfg.depth and rows["kv"][0][0].shape == (6, cfg.num_heads, 16, head_dim)
+    latent = sampler.sample(context, side=5, generator=torch.Generator().manual_seed(0))
+    assert latent.shape == (3, cfg.token_dim, 5, 5)
+    assert torch.isfinite(latent).all()
+
+
+def test_dit_output_depends_on_text_once_trained():
+    """Zero-initialised gates make a fresh DiT ignore its input; perturbed weights must not."""
+    cfg = match_hart(get_preset("tiny").transformer)
+    torch.manual_seed(0)
+    dit = DiT(cfg).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(1, cfg.token_dim, 4, 4), torch.tensor([10])
+    context = torch.randn(1, 16, cfg.context_dim)
+    a = dit(x, t, context)
+    b = dit(x, t, torch.randn(1, 16, cfg.context_dim))
+    assert not torch.allclose(a, b)
+    # the per-sample text cache the sampler uses gives the same output as the states themselves
+    torch.testing.assert_close(dit(x, t, text=dit.encode_text(context)), a)
+
+
+# ------------------------------------------------------------------ end-to-end run
+
+def _positive(value, where: str) -> None:
+    if isinstance(value, dict):
+        value = value["median"]
+    assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{where} = {value!r}"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    cmd = [sys.executable, "bench/run.py", "--quick", "--tiny", "--repeats", "1", "--threads", "1",
+           "--in-process", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_tiny_run_has_every_section_and_ratio(tiny_run):
+    data, _ = tiny_run
+    assert data["schema"] == "hart-bench/1"
+    for section in ("machine", "peak_matmul", "generation", "vs_diffusion", "vs_limit", "residual_head", "training"):
+        assert section in data, section
+    settings = data["settings"]
+    assert settings["quick"] and settings["tiny"] and settings["repeats"] == 1
+    assert any("< 5" in note for note in settings["notes"])  # fewer repeats are declared
+
+    machine = data["machine"]
+    assert machine["torch"] == torch.__version__ and machine["torch_threads"] == 1
+    assert machine["cpu_model"] and machine["usable_cpus"] >= 1
+
+    peak = data["peak_matmul"]
+    _positive(peak["fp32"]["peak_gflops"], "fp32 peak")
+    _positive(peak["bf16"]["peak_gflops"], "bf16 peak")
+    for n, ratio in peak["bf16_over_fp32_side_by_side"].items():
+        _positive(ratio, f"bf16/fp32 at {n}")
+
+    gen = data["generation"]
+    assert "skipped" in gen["full_size"]
+    cases = gen["default_model"]["cases"]
+    assert {(c["resolution"], c["batch"]) for c in cases} == {(32, 1), (32, 4), (64, 1), (64, 4)}
+    for c in cases:
+        where = f"generation {c['resolution']}px b{c['batch']}"
+        assert c["process"] == "subprocess"  # each configuration's peak RSS is its own
+        for key in ("latency_s", "throughput_img_s", "peak_rss_mb", "rss_after_load_mb"):
+            _positive(c[key], f"{where} {key}")
+        for stage in ("text", "ar", "diffusion", "decode", "total"):
+            _positive(c["stages_s"][stage], f"{where} {stage} s")
+            _positive(c["macs"][stage], f"{where} {stage} MACs")
+        assert c["macs"]["total"] == sum(c["macs"][s] for s in ("text", "ar", "diffusion", "decode"))
+        _positive(c["ar_fraction_of_fp32_peak_side_by_side"], f"{where} AR/peak side by side")
+
+    vs = data["vs_diffusion"]["default_model"]
+    assert "skipped" in data["vs_diffusion"]["full_size"]
+    assert abs(vs["param_ratio_dit_over_hart"] - 1) < 0.02
+    assert {c["resolution"] for c in vs["cases"]} == {32, 64}
+    for c in vs["cases"]:
+        assert c["denoiser_rows_per_step"] == 2  # batch 1, cond + uncond
+        assert set(c["steps"]) == {"20", "50"}
+        for n, d in c["steps"].items():
+            where = f"vs_diffusion {c['resolution']}px {n} steps"
+            assert d["extrapolated"] is True  # quick mode times a few steps and scales
+            for key in ("latency_ratio_dit_over_hart", "macs_ratio_dit_over_hart",
+                        "macs_ratio_dit_over_hart_single_decode", "dit_latency_s", "dit_macs"):
+                _positive(d[key], f"{where} {key}")
+        assert c["steps"]["50"]["dit_macs"] > c["steps"]["20"]["dit_macs"]
+
+    limit = data["vs_limit"]
+    assert len(limit["cases"]) == len(cases)
+    for r in limit["cases"]:
+        for key in ("achieved_gflops", "fraction_of_fp32_peak", "fraction_of_fp32_peak_side_by_side",
+                    "fraction_of_bf16_peak"):
+            _positive(r[key], f"vs_limit {r['resolution']}px b{r['batch']} {key}")
+
+    head = data["residual_head"]
+    for c in head["cases"]:
+        assert set(c["steps"]) == {"1", "4", "8", "16"}
+        for n, d in c["steps"].items():
+            for key in ("head_s", "total_s", "time_share", "head_macs", "macs_share"):
+                _positive(d[key], f"residual head {c['resolution']}px {n} steps {key}")
+        assert c["steps"]["16"]["head_macs"] == 16 * c["steps"]["1"]["head_macs"]
+
+    train = data["training"]
+    assert train["preset"] == "tiny" and train["resolution"] == 64
+    for key in ("steps_per_s_full", "steps_per_s_drop", "speedup_drop_over_full"):
+        _positive(train[key], f"training {key}")
+    assert train["kept_last_scale_tokens_mean"] < train["last_scale_tokens"]
+
+
+def test_markdown_tables_render(tiny_run, tmp_path):
+    data, stdout = tiny_run
+    from bench.run import markdown
+    text = markdown(data)
+    for title in ("### Machine", "### Peak matmul", "### Generation", "### HART vs an equal-size DiT",
+                  "### AR pass vs measured peak", "### Residual diffusion head", "### AR training"):
+        assert title in text
+    assert text == stdout  # the run prints the same tables it would render from its JSON
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, "bench/run.py", "--markdown", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == text

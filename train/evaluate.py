@@ -1,0 +1,139 @@
+"""Evaluate a trained pipeline on its dataset: tokenizer reconstruction, retrieval of generated
+images for exact captions and for paraphrases in wording never used in training, what the
+residual head adds, latency, and a cfg sweep.
+
+    python -m train.evaluate --model assets/hart-emoji --data data/emoji --out eval.json
+
+Retrieval: every generated image is compared (pixel L2 at 32x32) with every dataset image; top-1
+is a hit when the nearest one is the prompt's own emoji.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hart.pipeline import HARTPipeline
+from .data import HELD_OUT_TEMPLATES, load_dataset
+from .metrics import psnr
+from .train_tokenizer import evaluate as evaluate_tokenizer
+
+
+def pil_batch(images) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
+
+
+def retrieval_features(images: torch.Tensor, side: int = 32) -> torch.Tensor:
+    return F.interpolate(images, size=(side, side), mode="area").flatten(1)
+
+
+def prompt_sets(captions: list[dict], count: int, seed: int) -> dict[str, list[tuple[str, int]]]:
+    """(prompt, target index) pairs: exact captions, and paraphrases with held-out templates."""
+    rng = random.Random(seed)
+    picked = rng.sample(range(len(captions)), min(count, len(captions)))
+    exact = [(captions[i]["text"], i) for i in picked]
+    paraphrase = []
+    for i in picked:
+        name = captions[i]["text"]
+        aliases = [a for a in captions[i].get("aliases") or [] if a != name]
+        if aliases and rng.random() < 0.3:
+            name = rng.choice(aliases)
+        paraphrase.append((rng.choice(HELD_OUT_TEMPLATES).format(name), i))
+    return {"exact": exact, "paraphrase": paraphrase}
+
+
+@torch.no_grad()
+def generate_and_retrieve(pipe, prompts, resolution, database, references, batch: int = 50, **kwargs) -> dict:
+    """Generate one image per prompt; report retrieval for hybrid and discrete-only outputs."""
+    stats = {"hybrid": {"rank": [], "dist": []}, "discrete": {"rank": [], "dist": []}}
+    gains = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        result = pipe([p for p, _ in chunk], resolution=resolution, seed=start, **kwargs)
+        targets = torch.tensor([t for _, t in chunk])
+        outputs = {"hybrid": pil_batch(result.images), "discrete": pil_batch(result.discrete_images)}
+        for name, images in outputs.items():
+            dist = torch.cdist(retrieval_features(images), database)
+            target_dist = dist.gather(1, targets[:, None])
+            stats[name]["rank"] += (dist < target_dist).sum(1).tolist()
+            stats[name]["dist"] += dist.min(1).values.tolist()
+        hits = torch.tensor(stats["hybrid"]["rank"][-len(chunk):]) == 0
+        ref = references[targets]
+        delta = psnr(outputs["hybrid"], ref) - psnr(outputs["discrete"], ref)
+        gains += delta[hits].tolist()
+    report = {}
+    for name, s in stats.items():
+        ranks = torch.tensor(s["rank"])
+        report[name] = {"top1": round((ranks == 0).float().mean().item(), 4),
+                        "top5": round((ranks < 5).float().mean().item(), 4),
+                        "mean_nn_distance": round(statistics.fmean(s["dist"]), 4)}
+    report["residual_gain_db"] = round(statistics.fmean(gains), 3) if gains else None
+    report["correct_for_gain"] = len(gains)
+    return report
+
+
+def latency(pipe, resolution: int, repeats: int = 5) -> float:
+    pipe("red apple", resolution=resolution, seed=0)  # warm-up
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        pipe("red apple", resolution=resolution, seed=i)
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times), 4)
+
+
+def evaluate(model: str, data: str, count: int = 300, sweep: tuple = (0.0, 1.0, 2.0, 3.0, 4.5),
+             sweep_count: int = 100, seed: int = 0, val_fraction: float = 0.05) -> dict:
+    pipe = HARTPipeline.from_pretrained(model)
+    report = {"model": model, "sampling_defaults": vars(pipe.sampling_defaults).copy(), "resolutions": {}}
+    for res in pipe.resolutions:
+        scales = pipe.schedules[res]
+        full = load_dataset(data, res, "all", caption_variation=False)
+        references = torch.stack([full.image(i) for i in range(len(full.captions))])
+        database = retrieval_features(references)
+        val = load_dataset(data, res, "val", val_fraction, seed)
+        tok_metrics, _ = evaluate_tokenizer(pipe.tokenizer, val, scales)
+        sets = prompt_sets(full.captions, count, seed)
+        entry = {"tokenizer": tok_metrics, "generation": {}, "latency_s": latency(pipe, res)}
+        for name, prompts in sets.items():
+            entry["generation"][name] = generate_and_retrieve(pipe, prompts, res, database, references)
+        entry["residual_gain_db"] = entry["generation"]["exact"]["residual_gain_db"]
+        small = {k: v[:sweep_count] for k, v in sets.items()}
+        entry["cfg_sweep"] = []
+        for cfg in sweep:
+            row = {"cfg": cfg}
+            for name, prompts in small.items():
+                r = generate_and_retrieve(pipe, prompts, res, database, references, cfg=cfg)
+                row[f"{name}_top1"] = r["hybrid"]["top1"]
+            entry["cfg_sweep"].append(row)
+        report["resolutions"][str(res)] = entry
+        print(json.dumps({res: {k: v for k, v in entry.items() if k != "cfg_sweep"}}, indent=1), flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", default="data/emoji")
+    parser.add_argument("--out", default="eval.json")
+    parser.add_argument("--count", type=int, default=300, help="prompts per set (exact, paraphrase)")
+    parser.add_argument("--sweep", default="0,1,2,3,4.5", help="cfg values to sweep")
+    parser.add_argument("--sweep-count", type=int, default=100)
+    args = parser.parse_args(argv)
+    report = evaluate(args.model, args.data, args.count, tuple(float(v) for v in args.sweep.split(",")),
+                      args.sweep_count)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
