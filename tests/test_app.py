@@ -216,7 +216,7 @@ def test_registry_loads_once_and_sources(tmp_path, monkeypatch):
     assert registry.get(app.TINY) is registry.get(app.TINY)
     with pytest.raises(app.gr.Error, match="unknown model"):
         registry.get("nope")
-    monkeypatch.setattr(app, "BUNDLED", tmp_path / "hart-emoji")
+    monkeypatch.setattr(app, "BUNDLED_MODEL", tmp_path / "hart-emoji")
     assert app.default_sources() == {app.TINY: None}
     (tmp_path / "hart-emoji").mkdir()
     (tmp_path / "hart-emoji" / "model_index.json").write_text("{}")
