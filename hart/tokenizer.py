@@ -122,10 +122,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for stage in self.down:
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn):
-                    h = stage.attn[i](h)
+            h = _run_stage(stage, h)
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = _run_mid(self.mid, h)
@@ -160,10 +157,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = _run_mid(self.mid, self.conv_in(z))
         for stage in reversed(self.up):
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn):
-                    h = stage.attn[i](h)
+            h = _run_stage(stage, h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -175,6 +169,15 @@ def _mid(channels: int, cfg: TokenizerConfig) -> nn.Module:
     mid.attn_1 = AttnBlock(channels, cfg.norm_groups) if cfg.mid_attn else nn.Identity()
     mid.block_2 = ResnetBlock(channels, channels, cfg.norm_groups, cfg.dropout)
     return mid
+
+
+def _run_stage(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """ResNet blocks of one level, each followed by its attention block when the level has them."""
+    for i, block in enumerate(stage.block):
+        h = block(h)
+        if len(stage.attn):
+            h = stage.attn[i](h)
+    return h
 
 
 def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
