@@ -24,8 +24,10 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        # mmap keeps large unused buffers (the official attention mask) out of memory
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:  # mmap keeps large unused buffers (the official attention mask) out of memory
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {err}") from err
     except Exception as err:  # the unpickler rejects anything that is not plain tensors
