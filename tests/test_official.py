@@ -88,3 +88,30 @@ def test_full_size_official_layout_loads(tmp_path):
     write_random_official(tmp_path / "hart-0.7b")
     tok, tf = load_official(tmp_path / "hart-0.7b")
     assert sum(p.numel() for p in tf.parameters()) == pytest.approx(732.4e6, rel=2e-3)
+
+
+def test_qwen2_text_encoder_path(tmp_path):
+    """The 'hf' encoder path with a tiny random Qwen2 (the official encoder's architecture), a
+    user-supplied system prompt, padding to the context length and a selectable dtype."""
+    import shutil as sh
+    from transformers import Qwen2Config, Qwen2Model
+    from hart.text_encoder import TextEncoder, TextEncoderConfig, minilm_path
+    folder = tmp_path / "qwen2-tiny"
+    torch.manual_seed(0)
+    Qwen2Model(Qwen2Config(vocab_size=30522, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        sh.copy(Path(minilm_path()) / name, folder / name)  # any tokenizer does for the mechanics
+    plain = TextEncoder.from_config(TextEncoderConfig(kind="hf", path=str(folder), max_length=8))
+    states, mask, positions = plain(["a red apple", "cat"])
+    assert states.shape == (2, 8, 24) and states.dtype == torch.float32
+    assert mask[1].tolist()[:3] == [1, 1, 1] and mask[1, -1] == 0
+    assert positions[1].tolist() == [0, 1, 2] + [2] * 5  # pads repeat the last real position
+    prefixed = TextEncoder.from_config(TextEncoderConfig(kind="hf", path=str(folder), max_length=8,
+                                                         system_prompt="Describe the image in detail."))
+    states_sys, _, positions_sys = prefixed(["a red apple", "cat"])
+    assert states_sys.shape == states.shape and torch.equal(positions_sys, positions)
+    assert not torch.allclose(states_sys, states)  # the prefix is context for the encoder
+    half = TextEncoder.from_config(TextEncoderConfig(kind="hf", path=str(folder), max_length=8, dtype="bfloat16"))
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert half(["cat"])[0].dtype == torch.float32  # states are handed over in fp32

@@ -178,3 +178,25 @@ def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):
             metrics = entry["generation"][name][kind]
             assert 0 <= metrics["top1"] <= metrics["top5"] <= 1 and metrics["mean_nn_distance"] > 0
     assert entry["latency_s"] > 0 and [row["cfg"] for row in entry["cfg_sweep"]] == [0.0, 2.0]
+
+
+def test_perceptual_loss_from_a_local_file(tmp_path):
+    from hart.checkpoint import write_weights
+    from train.perceptual import VGG16, PerceptualLoss
+    torch.manual_seed(0)
+    layers, channels = [], 3  # a randomly initialised VGG16 `features` stack saved as a local file
+    for item in VGG16:
+        if item == "M":
+            layers.append(torch.nn.MaxPool2d(2))
+        else:
+            layers += [torch.nn.Conv2d(channels, item, 3, padding=1), torch.nn.ReLU()]
+            channels = item
+    state = {f"features.{k}": v for k, v in torch.nn.Sequential(*layers).state_dict().items()}
+    write_weights(state, tmp_path / "vgg16.safetensors")
+    loss = PerceptualLoss(str(tmp_path / "vgg16.safetensors"))
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(x, y).item() > 0
+    write_weights({"classifier.0.weight": torch.zeros(2, 2)}, tmp_path / "wrong.safetensors")
+    with pytest.raises(CheckpointError, match="VGG16"):
+        PerceptualLoss(str(tmp_path / "wrong.safetensors"))

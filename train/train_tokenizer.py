@@ -1,6 +1,7 @@
 """Train the hybrid tokenizer: one decoder, alternately fed the discrete-only latent and the
 full continuous latent (p = 0.5), with L1 + L2 reconstruction, VQ + commitment losses,
-dead-code restarts, and an optional PatchGAN discriminator after a warm-up.
+dead-code restarts, an optional PatchGAN discriminator after a warm-up, and an optional VGG
+perceptual loss from a local weights file.
 
     python -m train.train_tokenizer --preset emoji-64 --out runs/tok64
     accelerate launch --num_processes 2 -m train.train_tokenizer --preset emoji-64 ...
@@ -47,6 +48,8 @@ class TokenizerTrainConfig:
     dead_code_every: int = 200         # restart codes unused over this many steps (0 = off)
     disc_weight: float = 0.0           # PatchGAN hinge loss weight (0 = off)
     disc_start: int = 1000
+    perceptual_weight: float = 0.0     # VGG feature loss weight (needs perceptual_weights)
+    perceptual_weights: str = ""       # local VGG16 features file; never downloaded
     init_from: str = ""                # tokenizer folder to start from
     decoder_only: bool = False         # freeze encoder, codebook and phi (codes stay valid for a trained AR)
     grad_clip: float = 1.0
@@ -162,6 +165,12 @@ def train(cfg: TokenizerTrainConfig) -> dict:
             p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
     restart_every = 0 if cfg.decoder_only else cfg.dead_code_every
     disc = PatchDiscriminator() if cfg.disc_weight > 0 else None
+    perceptual = None
+    if cfg.perceptual_weight > 0:
+        if not cfg.perceptual_weights:
+            raise ValueError("perceptual_weight > 0 needs --perceptual-weights: a local VGG16 features file")
+        from .perceptual import PerceptualLoss
+        perceptual = PerceptualLoss(cfg.perceptual_weights).to(accelerator.device)
     params = [p for p in tokenizer.parameters() if p.requires_grad] + (list(disc.parameters()) if disc else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.5, 0.9), weight_decay=cfg.weight_decay)
     config_dict = asdict(cfg)
@@ -198,6 +207,8 @@ def train(cfg: TokenizerTrainConfig) -> dict:
             recon = recon.float()
             l1, l2 = (recon - images).abs().mean(), (recon - images).square().mean()
             loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.vq_weight * vq_loss.float()
+            if perceptual is not None:
+                loss = loss + cfg.perceptual_weight * perceptual(recon, images)
             gan = torch.zeros(())
             if disc is not None and step >= cfg.disc_start:
                 logits_real = model["disc"](images)
