@@ -191,7 +191,21 @@ class Checkpointer:
         write_weights(model.state_dict(), tmp / "model.safetensors")
         if ema is not None:
             write_weights(ema.shadow, tmp / "ema.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, **(extra or {})}, tmp / "state.pt")
+        opt_state = optimizer.state_dict()
+        # the big moment tensors go to safetensors (one file per kind keeps files small);
+        # state.pt keeps the small rest and loads with weights_only=True
+        # (state_dict() shares the live per-parameter dicts: build new ones, never mutate them)
+        moments, small = {}, {}
+        for index, entry in opt_state["state"].items():
+            small[index] = {}
+            for name, value in entry.items():
+                if torch.is_tensor(value) and value.numel() > 1:
+                    moments.setdefault(name, {})[str(index)] = value
+                else:
+                    small[index][name] = value
+        for name, tensors in moments.items():
+            write_weights(tensors, tmp / f"optimizer_{name}.safetensors")
+        torch.save({"optimizer": {**opt_state, "state": small}, "step": step, **(extra or {})}, tmp / "state.pt")
         write_json(config, tmp / "config.json")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -217,6 +231,10 @@ class Checkpointer:
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         except Exception as err:
             raise CheckpointError(f"corrupt training state {path / 'state.pt'}: {err}") from err
+        for file in path.glob("optimizer_*.safetensors"):
+            name = file.stem[len("optimizer_"):]
+            for index, tensor in read_weights(file).items():
+                state["optimizer"]["state"][int(index)][name] = tensor
         optimizer.load_state_dict(state["optimizer"])
         return state
 
