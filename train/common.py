@@ -94,13 +94,8 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1, log_dir: Path | 
     from accelerate import Accelerator
     if mixed_precision == "auto":
         mixed_precision = "bf16" if bf16_supported() else "no"
-    log_with = None
-    if log_dir is not None:
-        try:
-            import tensorboard  # noqa: F401
-            log_with = "tensorboard"
-        except ImportError:
-            pass
+    import importlib.util
+    log_with = "tensorboard" if log_dir is not None and importlib.util.find_spec("tensorboard") else None
     # cpu=True on machines without CUDA: then `accelerate launch --multi_gpu --num_processes N`
     # runs N CPU processes over gloo (accelerate's --cpu launcher starts only one process)
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,

@@ -32,8 +32,8 @@ from hart.text_encoder import TextEncoder
 from hart.tokenizer import HybridTokenizer, TokenizerConfig
 from hart.transformer import HARTTransformer
 
-from .common import (record_process_checksums, EMA, Checkpointer, RunLog, batch_indices, cosine_lr, load_config, make_accelerator,
-                     plot_curves, step_generator, unwrap)
+from .common import (EMA, Checkpointer, RunLog, batch_indices, cosine_lr, load_config, make_accelerator,
+                     plot_curves, record_process_checksums, step_generator, unwrap)
 from .data import load_dataset
 from .metrics import save_grid
 

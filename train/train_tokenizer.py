@@ -23,8 +23,8 @@ from hart.checkpoint import config_from_dict, load_into, read_json, read_weights
 from hart.presets import get_preset
 from hart.tokenizer import HybridTokenizer, TokenizerConfig
 
-from .common import (record_process_checksums, Checkpointer, RunLog, batch_indices, cosine_lr, load_config, make_accelerator, plot_curves,
-                     step_generator, unwrap)
+from .common import (Checkpointer, RunLog, batch_indices, cosine_lr, load_config, make_accelerator,
+                     plot_curves, record_process_checksums, step_generator, unwrap)
 from .data import load_dataset
 from .metrics import psnr, save_grid, ssim
 
