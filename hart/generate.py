@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     result = pipe(args.prompt, resolution=args.resolution, seed=args.seed, cfg=args.cfg, diffusion_steps=args.steps,
                   top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                   more_smooth=args.more_smooth or None, use_residual=not args.no_residual,
-                  num_images=args.num_images)
+                  num_images=args.num_images, decode_discrete=bool(args.discrete_out))
     side_by_side(result.images).save(args.out)
     if args.discrete_out:
         side_by_side(result.discrete_images).save(args.discrete_out)

@@ -35,7 +35,8 @@ OFFICIAL_512_SCHEDULE = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 class GenerationResult:
     images: list[Image.Image]            # hybrid images (discrete-only when the residual head is off)
     discrete_images: list[Image.Image]   # the same sampled tokens decoded without the residual
-    residual_maps: list[Image.Image]     # |hybrid - discrete| as a heat map (empty when head is off)
+                                         # (empty when asked not to decode them)
+    residual_maps: list[Image.Image]     # |hybrid - discrete| as a heat map (empty without both)
     seed: int
     resolution: int
     timings: dict[str, float] = field(default_factory=dict)
@@ -210,8 +211,11 @@ class HARTPipeline:
                diffusion_steps: int | None = None, use_residual: bool = True, seed: int | None = None,
                num_images: int = 1, top_k: int | None = None, top_p: float | None = None,
                temperature: float | None = None, more_smooth: bool | None = None,
-               previews: bool = True) -> Iterator[tuple[int, list[Image.Image]] | GenerationResult]:
-        """Yield (scale index, decoded preview images) after every scale, then the result."""
+               previews: bool = True, decode_discrete: bool = True) -> Iterator[tuple[int, list[Image.Image]] | GenerationResult]:
+        """Yield (scale index, decoded preview images) after every scale, then the result.
+
+        decode_discrete=False skips the second decoder pass (the discrete-only image beside the
+        hybrid one) when the residual head runs: one decode instead of two."""
         prompts, resolution, opts, seed = self._prepare(
             prompt, resolution, num_images, seed,
             dict(cfg=cfg, diffusion_steps=diffusion_steps, use_residual=use_residual, top_k=top_k,
@@ -246,15 +250,18 @@ class HARTPipeline:
         with self._no_grad():
             # decoded separately (not as one batch) so the discrete image is bit-identical
             # whether or not the residual head runs
-            discrete = hybrid = self.tokenizer.decode(output.fhat_discrete)
+            hybrid = discrete = None
+            if output.residual is None or decode_discrete:
+                discrete = self.tokenizer.decode(output.fhat_discrete)
             if output.residual is not None:
                 hybrid = self.tokenizer.decode(output.fhat_discrete, output.residual)
         timings["decode"] = time.perf_counter() - t_dec
         timings["total"] = time.perf_counter() - start - preview_time
-        discrete_images = to_pil(discrete)
-        yield GenerationResult(images=to_pil(hybrid) if output.residual is not None else discrete_images,
+        discrete_images = to_pil(discrete) if discrete is not None else []
+        both = hybrid is not None and discrete is not None
+        yield GenerationResult(images=to_pil(hybrid) if hybrid is not None else discrete_images,
                                discrete_images=discrete_images,
-                               residual_maps=residual_heatmap(hybrid, discrete) if output.residual is not None else [],
+                               residual_maps=residual_heatmap(hybrid, discrete) if both else [],
                                seed=seed, resolution=resolution, timings=timings)
 
     def __call__(self, prompt: str | list[str], **kwargs) -> GenerationResult:

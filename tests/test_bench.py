@@ -148,10 +148,10 @@ def test_tiny_run_has_every_section_and_ratio(tiny_run):
         for n, d in c["steps"].items():
             where = f"vs_diffusion {c['resolution']}px {n} steps"
             assert d["extrapolated"] is True  # quick mode times a few steps and scales
-            for key in ("latency_ratio_dit_over_hart", "macs_ratio_dit_over_hart",
-                        "macs_ratio_dit_over_hart_single_decode", "dit_latency_s", "dit_macs"):
+            for key in ("latency_ratio_dit_over_hart", "macs_ratio_dit_over_hart", "dit_latency_s", "dit_macs"):
                 _positive(d[key], f"{where} {key}")
         assert c["steps"]["50"]["dit_macs"] > c["steps"]["20"]["dit_macs"]
+        assert c["hart_macs"]["decode_calls"] == 1  # like for like: one decode each
 
     limit = data["vs_limit"]
     assert len(limit["cases"]) == len(cases)

@@ -206,6 +206,22 @@ def test_residual_off_and_same_tokens(pipe):
     assert on.discrete_images[0].tobytes() == off.discrete_images[0].tobytes()
 
 
+def test_hybrid_only_skips_the_discrete_decode(pipe, monkeypatch):
+    calls = []
+    decode = pipe.tokenizer.decode
+    monkeypatch.setattr(pipe.tokenizer, "decode", lambda *a, **k: calls.append(len(a)) or decode(*a, **k))
+    both = pipe("red apple", seed=3, resolution=32)
+    assert len(calls) == 2
+    calls.clear()
+    hybrid_only = pipe("red apple", seed=3, resolution=32, decode_discrete=False)
+    assert len(calls) == 1
+    assert hybrid_only.discrete_images == [] and hybrid_only.residual_maps == []
+    assert hybrid_only.images[0].tobytes() == both.images[0].tobytes()
+    # without the head, the discrete image is the output and is still decoded
+    off = pipe("red apple", seed=3, resolution=32, use_residual=False, decode_discrete=False)
+    assert off.images[0].tobytes() == both.discrete_images[0].tobytes()
+
+
 def test_stream_yields_every_scale_then_result(pipe):
     items = list(pipe.stream("red apple", seed=1, resolution=64))
     scales = [i[0] for i in items[:-1]]

@@ -111,6 +111,32 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shapes_data, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_a_checkpoint_at_the_step_reached(shapes_data, tmp_path, sig):
+    out = tmp_path / "stopped"
+    args = ["--preset", "tiny", "--data", str(shapes_data), "--resolution", "32", "--batch-size", "4",
+            "--steps", "100000", "--checkpoint-every", "100000", "--checkpoint-minutes", "1000",
+            "--eval-every", "100000", "--log-every", "1", "--val-fraction", "0.25", "--mixed-precision", "no",
+            "--out", str(out)]
+    proc = run_trainer("train.train_tokenizer", args)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if len(losses(out, "l1")) >= 3:
+                break
+        except (OSError, ValueError):  # not written yet, or a line half written
+            pass
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
+    message = proc.stderr.read().decode()
+    assert f"stopped by signal {int(sig)}" in message
+    saved = int((out / "checkpoints" / "latest").read_text()[5:])
+    logged = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"]
+    assert 3 <= logged <= saved < 100000  # nothing since the last logged step is lost
+    assert not (out / "tokenizer").exists()  # stopped, not finished: no export
+
+
 def test_resume_with_another_config_is_refused(shapes_data, tiny_tokenizer, tmp_path):
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=5, checkpoint_every=5))
     with pytest.raises(CheckpointError, match="batch_size"):
@@ -169,15 +195,25 @@ def test_bad_training_input(shapes_data, tiny_tokenizer, tmp_path, overrides, me
 def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):
     from train.evaluate import evaluate
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=10, checkpoint_every=10))
-    report = evaluate(str(tmp_path / "ar" / "model"), str(shapes_data), count=8, sweep=(0.0, 2.0), sweep_count=4,
-                      val_fraction=0.25)
+    model = tmp_path / "ar" / "model"
+    report = evaluate(str(model), str(shapes_data), count=8, cfgs=(0.0, 2.0), top_ks=(0, 3), sweep_count=4,
+                      val_fraction=0.25, choose_defaults=True)
     entry = report["resolutions"]["32"]
     assert set(entry["tokenizer"]) >= {"psnr_discrete", "psnr_hybrid", "ssim_discrete", "ssim_hybrid"}
     for name in ("exact", "paraphrase"):
         for kind in ("hybrid", "discrete"):
             metrics = entry["generation"][name][kind]
             assert 0 <= metrics["top1"] <= metrics["top5"] <= 1 and metrics["mean_nn_distance"] > 0
-    assert entry["latency_s"] > 0 and [row["cfg"] for row in entry["cfg_sweep"]] == [0.0, 2.0]
+    assert entry["latency_s"] > 0
+    rows = report["sweep"]["rows"]
+    assert [(row["cfg"], row["top_k"]) for row in rows[:2]] == [(0.0, 0), (2.0, 0)]
+    assert len(rows) == 3 and rows[2]["top_k"] == 3 and all(0 <= row["score"] <= 1 for row in rows)
+    best = max(rows, key=lambda row: row["score"])
+    assert report["sweep"]["best"] == {"cfg": best["cfg"], "top_k": best["top_k"]}
+    # the chosen setting is the model's default from now on, and the report used it
+    stored = json.loads((model / "model_index.json").read_text())["sampling"]
+    assert (stored["cfg"], stored["top_k"]) == (best["cfg"], best["top_k"])
+    assert report["sampling_defaults"]["cfg"] == best["cfg"]
 
 
 def test_perceptual_loss_from_a_local_file(tmp_path):
@@ -200,3 +236,16 @@ def test_perceptual_loss_from_a_local_file(tmp_path):
     write_weights({"classifier.0.weight": torch.zeros(2, 2)}, tmp_path / "wrong.safetensors")
     with pytest.raises(CheckpointError, match="VGG16"):
         PerceptualLoss(str(tmp_path / "wrong.safetensors"))
+
+
+def test_sample_grid_has_a_discrete_and_a_hybrid_column_per_resolution():
+    from hart.pipeline import HARTPipeline
+    from train.samples import sample_grid
+    pipe = HARTPipeline.from_preset("tiny")
+    resolutions = pipe.resolutions[:2]
+    grid = sample_grid(pipe, ["red apple", "rocket"], resolutions, cell=32, label_width=50)
+    assert grid.size == (50 + 2 * len(resolutions) * 32, 24 + 2 * 32)
+    # the first prompt's hybrid cell is the pipeline's image for that prompt and seed, upscaled
+    res = resolutions[0]
+    expected = pipe(["red apple", "rocket"], resolution=res, seed=0).images[0].resize((32, 32), 0)
+    assert grid.crop((50 + 32, 24, 50 + 64, 56)).tobytes() == expected.tobytes()

@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 import shutil
+import signal
+import sys
 import time
 from typing import Any
 
@@ -111,6 +113,47 @@ def bf16_supported() -> bool:
         return "amx_bf16" in flags or "avx512_bf16" in flags
     except OSError:
         return False
+
+
+class StopSignal:
+    """SIGTERM / SIGINT ask the training loop to stop after the current step, with a
+    checkpoint, instead of killing it mid-step (the work since the last checkpoint is kept)."""
+
+    def __init__(self, accelerator=None):
+        self.accelerator = accelerator
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        import threading
+        if threading.current_thread() is threading.main_thread():  # handlers only install there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def finish(self, step: int) -> dict:
+        """Say where training stopped and end it (the checkpoint is already written)."""
+        if self.accelerator.is_main_process:
+            print(f"stopped by signal {self.received} after step {step}: checkpoint saved; "
+                  "run the same command again to resume", file=sys.stderr, flush=True)
+        self.accelerator.end_training()
+        return {"step": step, "stopped_by_signal": self.received}
+
+    def requested(self) -> bool:
+        """True once any process got a signal (every process agrees, so none waits alone)."""
+        flag = self.received is not None
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            flag = bool(self.accelerator.reduce(torch.tensor([float(flag)]), "max").item())
+        return flag
 
 
 def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:

@@ -1,8 +1,8 @@
 """Evaluate a trained pipeline on its dataset: tokenizer reconstruction, retrieval of generated
 images for exact captions and for paraphrases in wording never used in training, what the
-residual head adds, latency, and a cfg sweep.
+residual head adds, latency, and a cfg / top-k sweep that can choose the model's defaults.
 
-    python -m train.evaluate --model assets/hart-emoji --data data/emoji --out eval.json
+    python -m train.evaluate --model assets/hart-emoji --data data/emoji --out eval.json [--choose-defaults]
 
 Retrieval: every generated image is compared (pixel L2 at 32x32) with every dataset image; top-1
 is a hit when the nearest one is the prompt's own emoji.
@@ -90,32 +90,69 @@ def latency(pipe, resolution: int, repeats: int = 5) -> float:
     return round(statistics.median(times), 4)
 
 
-def evaluate(model: str, data: str, count: int = 300, sweep: tuple = (0.0, 1.0, 2.0, 3.0, 4.5),
-             sweep_count: int = 100, seed: int = 0, val_fraction: float = 0.05) -> dict:
+def sweep(pipe, prompt_sets_by_res: dict, databases: dict, references: dict, settings: list[dict]) -> list[dict]:
+    """Hybrid top-1 for each sampling setting (cfg, top_k), per resolution and prompt set;
+    `score` is the mean over all of them (what --choose-defaults maximises)."""
+    rows = []
+    for setting in settings:
+        row = dict(setting)
+        scores = []
+        for res, sets in prompt_sets_by_res.items():
+            for name, prompts in sets.items():
+                r = generate_and_retrieve(pipe, prompts, res, databases[res], references[res], **setting)
+                row[f"{name}_top1" if len(prompt_sets_by_res) == 1 else f"{res}_{name}_top1"] = r["hybrid"]["top1"]
+                scores.append(r["hybrid"]["top1"])
+        row["score"] = round(statistics.fmean(scores), 4)
+        rows.append(row)
+    return rows
+
+
+def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2.0, 3.0, 4.5),
+             top_ks: tuple = (0, 50, 10), sweep_count: int = 100, seed: int = 0, val_fraction: float = 0.05,
+             choose_defaults: bool = False) -> dict:
+    """The report. With choose_defaults the cfg / top-k sweep runs first on prompts disjoint
+    from the reported ones, the best setting is written into the model's model_index.json, and
+    every reported number uses it."""
     pipe = HARTPipeline.from_pretrained(model)
-    report = {"model": model, "sampling_defaults": vars(pipe.sampling_defaults).copy(), "resolutions": {}}
+    full, references, databases, sets, sweep_sets = {}, {}, {}, {}, {}
+    for res in pipe.resolutions:
+        full[res] = load_dataset(data, res, "all", caption_variation=False)
+        references[res] = torch.stack([full[res].image(i) for i in range(len(full[res].captions))])
+        databases[res] = retrieval_features(references[res])
+        both = prompt_sets(full[res].captions, count + sweep_count, seed)
+        sets[res] = {k: v[:count] for k, v in both.items()}
+        # a dataset too small for two disjoint sets sweeps on the reported prompts (and says so)
+        disjoint = all(len(v) > count for v in both.values())
+        sweep_sets[res] = {k: v[count:] if disjoint else v[:sweep_count] for k, v in both.items()}
+    # cfg at the stored top-k, then top-k at the best cfg
+    top_k = pipe.sampling_defaults.top_k
+    rows = sweep(pipe, sweep_sets, databases, references, [{"cfg": c, "top_k": top_k} for c in cfgs])
+    best_cfg = max(rows, key=lambda r: r["score"])["cfg"]
+    rows += sweep(pipe, sweep_sets, databases, references,
+                  [{"cfg": best_cfg, "top_k": k} for k in top_ks if k != top_k])
+    best = max(rows, key=lambda r: r["score"])
+    chosen = {"cfg": best["cfg"], "top_k": best["top_k"]}
+    if choose_defaults:
+        index_path = Path(model) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["sampling"].update(chosen)
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
+        for key, value in chosen.items():
+            setattr(pipe.sampling_defaults, key, value)
+    report = {"model": model, "sampling_defaults": vars(pipe.sampling_defaults).copy(),
+              "sweep": {"prompts_per_set": sweep_count, "disjoint_from_reported_prompts": disjoint,
+                        "rows": rows, "best": chosen, "written_to_model": choose_defaults},
+              "resolutions": {}}
     for res in pipe.resolutions:
         scales = pipe.schedules[res]
-        full = load_dataset(data, res, "all", caption_variation=False)
-        references = torch.stack([full.image(i) for i in range(len(full.captions))])
-        database = retrieval_features(references)
         val = load_dataset(data, res, "val", val_fraction, seed)
         tok_metrics, _ = evaluate_tokenizer(pipe.tokenizer, val, scales)
-        sets = prompt_sets(full.captions, count, seed)
         entry = {"tokenizer": tok_metrics, "generation": {}, "latency_s": latency(pipe, res)}
-        for name, prompts in sets.items():
-            entry["generation"][name] = generate_and_retrieve(pipe, prompts, res, database, references)
+        for name, prompts in sets[res].items():
+            entry["generation"][name] = generate_and_retrieve(pipe, prompts, res, databases[res], references[res])
         entry["residual_gain_db"] = entry["generation"]["exact"]["residual_gain_db"]
-        small = {k: v[:sweep_count] for k, v in sets.items()}
-        entry["cfg_sweep"] = []
-        for cfg in sweep:
-            row = {"cfg": cfg}
-            for name, prompts in small.items():
-                r = generate_and_retrieve(pipe, prompts, res, database, references, cfg=cfg)
-                row[f"{name}_top1"] = r["hybrid"]["top1"]
-            entry["cfg_sweep"].append(row)
         report["resolutions"][str(res)] = entry
-        print(json.dumps({res: {k: v for k, v in entry.items() if k != "cfg_sweep"}}, indent=1), flush=True)
+        print(json.dumps({res: entry}, indent=1), flush=True)
     return report
 
 
@@ -126,10 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="eval.json")
     parser.add_argument("--count", type=int, default=300, help="prompts per set (exact, paraphrase)")
     parser.add_argument("--sweep", default="0,1,2,3,4.5", help="cfg values to sweep")
-    parser.add_argument("--sweep-count", type=int, default=100)
+    parser.add_argument("--sweep-top-k", default="0,50,10", help="top-k values to sweep at the best cfg")
+    parser.add_argument("--sweep-count", type=int, default=100, help="prompts per set in the sweep")
+    parser.add_argument("--choose-defaults", action="store_true",
+                        help="write the sweep's best cfg / top-k into the model's model_index.json first")
     args = parser.parse_args(argv)
     report = evaluate(args.model, args.data, args.count, tuple(float(v) for v in args.sweep.split(",")),
-                      args.sweep_count)
+                      tuple(int(v) for v in args.sweep_top_k.split(",")), args.sweep_count,
+                      choose_defaults=args.choose_defaults)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

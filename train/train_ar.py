@@ -33,7 +33,7 @@ from hart.tokenizer import HybridTokenizer, TokenizerConfig
 from hart.transformer import HARTTransformer
 
 from .common import (EMA, Checkpointer, RunLog, batch_indices, cosine_lr, load_config, make_accelerator,
-                     plot_curves, record_process_checksums, step_generator, unwrap)
+                     plot_curves, record_process_checksums, step_generator, StopSignal, unwrap)
 from .data import load_dataset
 from .metrics import save_grid
 
@@ -291,55 +291,58 @@ def train(cfg: ARTrainConfig) -> dict:
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                disable=not accelerator.is_main_process, desc=f"ar{cfg.resolution}")
     step = start_step
-    for step in bar:
-        lr_scale = cosine_lr(step, cfg.steps, cfg.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_scale
-        gen = step_generator(cfg.seed, step, rank)
-        picked = items[batch_indices(len(items), cfg.batch_size, step, cfg.seed, rank, world)]
-        dataset.set_epoch(step // per_epoch)
-        states, positions = text_cache([dataset.caption(int(i)) for i in picked])
-        dropped = torch.rand(len(picked), generator=gen) < cfg.cond_drop  # uniform draw
-        states[dropped] = 0
-        positions[dropped] = 0  # the sampler's unconditional rows use zero positions too
-        targets = all_indices[picked]
-        with torch.no_grad():
-            splits = torch.split(targets, [s * s for s in scales], dim=1)
-            inputs = tokenizer.quantize.teacher_forcing_inputs(list(splits), scales)
-        keep = last_scale_keep(len(picked), scales[-1] ** 2, cfg.drop_min_keep, gen) if cfg.drop_last_scale else None
-        device = accelerator.device
-        model.train()
-        with accelerator.autocast():
-            loss, ce, diff, acc = model(states.to(device), positions.to(device), inputs.to(device),
-                                        targets.to(device), all_rest[picked].to(device), scales,
-                                        None if keep is None else keep.to(device), gen)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        ema.update(unwrap(accelerator, model).transformer, step)
-        if log and (step + 1) % cfg.log_every == 0:
-            elapsed = time.time() - started
-            log.write(step + 1, loss=round(loss.item(), 5), ce=round(ce.item(), 5), diff=round(diff.item(), 5),
-                      acc=round(acc.item(), 4), lr=round(cfg.lr * lr_scale, 7),
-                      steps_per_s=round((step + 1 - start_step) / elapsed, 3),
-                      last_scale_kept=scales[-1] ** 2 if keep is None else keep.shape[1])
-            bar.set_postfix(ce=f"{ce.item():.3f}", diff=f"{diff.item():.3f}", acc=f"{acc.item():.3f}",
-                            it_s=f"{(step + 1 - start_step) / elapsed:.2f}")
-        done = step + 1 == cfg.steps
-        out_of_time = cfg.max_minutes and (time.time() - started) / 60 >= cfg.max_minutes
-        if accelerator.is_main_process and (done or out_of_time or (step + 1) % cfg.checkpoint_every == 0
-                                            or (time.time() - last_ckpt) / 60 >= cfg.checkpoint_minutes):
-            checkpointer.save(step + 1, unwrap(accelerator, model).transformer, ema, optimizer, config_dict)
-            last_ckpt = time.time()
-        if accelerator.is_main_process and (step + 1) % cfg.eval_every == 0 and not done:
-            ema_model = ema.copy_to(HARTTransformer(tf_cfg)).eval()
-            sample_grid(ema_model, tokenizer, encoder, eval_prompts, cfg.resolution, scales,
-                        out / "samples" / f"step_{step + 1:08d}.png", cfg.cfg_default)
-        accelerator.wait_for_everyone()
-        if out_of_time:
-            break
+    with StopSignal(accelerator) as stop:
+        for step in bar:
+            lr_scale = cosine_lr(step, cfg.steps, cfg.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_scale
+            gen = step_generator(cfg.seed, step, rank)
+            picked = items[batch_indices(len(items), cfg.batch_size, step, cfg.seed, rank, world)]
+            dataset.set_epoch(step // per_epoch)
+            states, positions = text_cache([dataset.caption(int(i)) for i in picked])
+            dropped = torch.rand(len(picked), generator=gen) < cfg.cond_drop  # uniform draw
+            states[dropped] = 0
+            positions[dropped] = 0  # the sampler's unconditional rows use zero positions too
+            targets = all_indices[picked]
+            with torch.no_grad():
+                splits = torch.split(targets, [s * s for s in scales], dim=1)
+                inputs = tokenizer.quantize.teacher_forcing_inputs(list(splits), scales)
+            keep = last_scale_keep(len(picked), scales[-1] ** 2, cfg.drop_min_keep, gen) if cfg.drop_last_scale else None
+            device = accelerator.device
+            model.train()
+            with accelerator.autocast():
+                loss, ce, diff, acc = model(states.to(device), positions.to(device), inputs.to(device),
+                                            targets.to(device), all_rest[picked].to(device), scales,
+                                            None if keep is None else keep.to(device), gen)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            ema.update(unwrap(accelerator, model).transformer, step)
+            if log and (step + 1) % cfg.log_every == 0:
+                elapsed = time.time() - started
+                log.write(step + 1, loss=round(loss.item(), 5), ce=round(ce.item(), 5), diff=round(diff.item(), 5),
+                          acc=round(acc.item(), 4), lr=round(cfg.lr * lr_scale, 7),
+                          steps_per_s=round((step + 1 - start_step) / elapsed, 3),
+                          last_scale_kept=scales[-1] ** 2 if keep is None else keep.shape[1])
+                bar.set_postfix(ce=f"{ce.item():.3f}", diff=f"{diff.item():.3f}", acc=f"{acc.item():.3f}",
+                                it_s=f"{(step + 1 - start_step) / elapsed:.2f}")
+            done = step + 1 == cfg.steps
+            out_of_time = (cfg.max_minutes and (time.time() - started) / 60 >= cfg.max_minutes) or stop.requested()
+            if accelerator.is_main_process and (done or out_of_time or (step + 1) % cfg.checkpoint_every == 0
+                                                or (time.time() - last_ckpt) / 60 >= cfg.checkpoint_minutes):
+                checkpointer.save(step + 1, unwrap(accelerator, model).transformer, ema, optimizer, config_dict)
+                last_ckpt = time.time()
+            if accelerator.is_main_process and (step + 1) % cfg.eval_every == 0 and not done:
+                ema_model = ema.copy_to(HARTTransformer(tf_cfg)).eval()
+                sample_grid(ema_model, tokenizer, encoder, eval_prompts, cfg.resolution, scales,
+                            out / "samples" / f"step_{step + 1:08d}.png", cfg.cfg_default)
+            accelerator.wait_for_everyone()
+            if out_of_time:
+                break
+    if stop.received is not None:
+        return stop.finish(step + 1)
     result = {"step": step + 1}
     if accelerator.is_main_process:
         raw = unwrap(accelerator, model).transformer

@@ -24,7 +24,7 @@ from hart.presets import get_preset
 from hart.tokenizer import HybridTokenizer, TokenizerConfig
 
 from .common import (Checkpointer, RunLog, batch_indices, cosine_lr, load_config, make_accelerator,
-                     plot_curves, record_process_checksums, step_generator, unwrap)
+                     plot_curves, record_process_checksums, step_generator, StopSignal, unwrap)
 from .data import load_dataset
 from .metrics import psnr, save_grid, ssim
 
@@ -193,66 +193,69 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not accelerator.is_main_process,
                desc="tokenizer")
     step = start_step
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup)
-        gen = step_generator(cfg.seed, step, rank)
-        idx = batch_indices(len(train_set), cfg.batch_size, step, cfg.seed, rank, world)
-        images = torch.stack([train_set[int(i)]["image"] for i in idx]).to(accelerator.device)
-        tok = unwrap(accelerator, model)["tokenizer"]
-        continuous = bool(torch.rand((), generator=gen) < cfg.continuous_prob)
-        model.train()
-        with accelerator.autocast():
-            recon, vq_loss, indices, _ = model["tokenizer"](images, scales, continuous=continuous)
-            recon = recon.float()
-            l1, l2 = (recon - images).abs().mean(), (recon - images).square().mean()
-            loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.vq_weight * vq_loss.float()
-            if perceptual is not None:
-                loss = loss + cfg.perceptual_weight * perceptual(recon, images)
-            gan = torch.zeros(())
-            if disc is not None and step >= cfg.disc_start:
-                logits_real = model["disc"](images)
-                logits_fake_detached = model["disc"](recon.detach())
-                d_loss = F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake_detached).mean()
-                gan = -model["disc"](recon).mean()
-                loss = loss + cfg.disc_weight * gan + d_loss
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        for level in indices:
-            usage += torch.bincount(level.flatten().cpu(), minlength=tok_cfg.vocab_size)
-        if restart_every and (step + 1) % restart_every == 0:
-            with torch.no_grad():
-                latents = tok.encode_latent(images).permute(0, 2, 3, 1).reshape(-1, tok_cfg.z_channels)
-            usage = accelerator.reduce(usage.to(accelerator.device), "sum").cpu()
-            # same gathered latents and a rank-independent generator: every process restarts alike
-            restarted = restart_dead_codes(tok, usage, accelerator.gather(latents).cpu(),
-                                           step_generator(cfg.seed, step, 0, stream=1))
-            usage.zero_()
-            if log and restarted:
-                log.write(step + 1, dead_codes_restarted=restarted)
-        if log and (step + 1) % cfg.log_every == 0:
-            log.write(step + 1, loss=round(loss.item(), 5), l1=round(l1.item(), 5), l2=round(l2.item(), 5),
-                      vq=round(vq_loss.item(), 5), gan=round(float(gan), 5), continuous=continuous,
-                      lr=optimizer.param_groups[0]["lr"])
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(step + 1 - start_step) * cfg.batch_size * world / (time.time() - started):.1f}")
-        done = step + 1 == cfg.steps
-        out_of_time = cfg.max_minutes and (time.time() - started) / 60 >= cfg.max_minutes
-        if accelerator.is_main_process and (done or out_of_time or (step + 1) % cfg.checkpoint_every == 0
-                                            or (time.time() - last_ckpt_time) / 60 >= cfg.checkpoint_minutes):
-            checkpointer.save(step + 1, unwrap(accelerator, model), None, optimizer, config_dict,
-                              {"usage": usage})
-            last_ckpt_time = time.time()
-        if accelerator.is_main_process and ((step + 1) % cfg.eval_every == 0 or done):
-            metrics, examples = evaluate(tok, val_set, scales)
-            log.write(step + 1, **{f"val_{k}": v for k, v in metrics.items()})
-            save_grid(examples, out / "samples" / f"step_{step + 1:08d}.png")
-            tok.train()
-        accelerator.wait_for_everyone()
-        if out_of_time:
-            break
+    with StopSignal(accelerator) as stop:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup)
+            gen = step_generator(cfg.seed, step, rank)
+            idx = batch_indices(len(train_set), cfg.batch_size, step, cfg.seed, rank, world)
+            images = torch.stack([train_set[int(i)]["image"] for i in idx]).to(accelerator.device)
+            tok = unwrap(accelerator, model)["tokenizer"]
+            continuous = bool(torch.rand((), generator=gen) < cfg.continuous_prob)
+            model.train()
+            with accelerator.autocast():
+                recon, vq_loss, indices, _ = model["tokenizer"](images, scales, continuous=continuous)
+                recon = recon.float()
+                l1, l2 = (recon - images).abs().mean(), (recon - images).square().mean()
+                loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.vq_weight * vq_loss.float()
+                if perceptual is not None:
+                    loss = loss + cfg.perceptual_weight * perceptual(recon, images)
+                gan = torch.zeros(())
+                if disc is not None and step >= cfg.disc_start:
+                    logits_real = model["disc"](images)
+                    logits_fake_detached = model["disc"](recon.detach())
+                    d_loss = F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake_detached).mean()
+                    gan = -model["disc"](recon).mean()
+                    loss = loss + cfg.disc_weight * gan + d_loss
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            for level in indices:
+                usage += torch.bincount(level.flatten().cpu(), minlength=tok_cfg.vocab_size)
+            if restart_every and (step + 1) % restart_every == 0:
+                with torch.no_grad():
+                    latents = tok.encode_latent(images).permute(0, 2, 3, 1).reshape(-1, tok_cfg.z_channels)
+                usage = accelerator.reduce(usage.to(accelerator.device), "sum").cpu()
+                # same gathered latents and a rank-independent generator: every process restarts alike
+                restarted = restart_dead_codes(tok, usage, accelerator.gather(latents).cpu(),
+                                               step_generator(cfg.seed, step, 0, stream=1))
+                usage.zero_()
+                if log and restarted:
+                    log.write(step + 1, dead_codes_restarted=restarted)
+            if log and (step + 1) % cfg.log_every == 0:
+                log.write(step + 1, loss=round(loss.item(), 5), l1=round(l1.item(), 5), l2=round(l2.item(), 5),
+                          vq=round(vq_loss.item(), 5), gan=round(float(gan), 5), continuous=continuous,
+                          lr=optimizer.param_groups[0]["lr"])
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(step + 1 - start_step) * cfg.batch_size * world / (time.time() - started):.1f}")
+            done = step + 1 == cfg.steps
+            out_of_time = (cfg.max_minutes and (time.time() - started) / 60 >= cfg.max_minutes) or stop.requested()
+            if accelerator.is_main_process and (done or out_of_time or (step + 1) % cfg.checkpoint_every == 0
+                                                or (time.time() - last_ckpt_time) / 60 >= cfg.checkpoint_minutes):
+                checkpointer.save(step + 1, unwrap(accelerator, model), None, optimizer, config_dict,
+                                  {"usage": usage})
+                last_ckpt_time = time.time()
+            if accelerator.is_main_process and ((step + 1) % cfg.eval_every == 0 or done):
+                metrics, examples = evaluate(tok, val_set, scales)
+                log.write(step + 1, **{f"val_{k}": v for k, v in metrics.items()})
+                save_grid(examples, out / "samples" / f"step_{step + 1:08d}.png")
+                tok.train()
+            accelerator.wait_for_everyone()
+            if out_of_time:
+                break
+    if stop.received is not None:
+        return stop.finish(step + 1)
     result = {}
     if accelerator.is_main_process:
         tok = unwrap(accelerator, model)["tokenizer"].eval()
