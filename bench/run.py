@@ -43,6 +43,7 @@ DEPENDS = {"vs_limit": ("peak_matmul", "generation")}
 PROMPT = "a smiling yellow cat face"
 SKIPPED_FULL = "not run: --quick/--tiny without --full-size"
 SCHEMA = "hart-bench/1"
+PRECISIONS = ("fp32", "bf16")
 
 
 def log(message: str) -> None:
@@ -81,7 +82,17 @@ def build_settings(args) -> dict:
         "in_process": args.in_process,
         "prompt": PROMPT,
     }
+    wanted = [v.strip() for v in (args.precisions or "fp32,bf16").split(",") if v.strip()]
+    bad = [v for v in wanted if v not in PRECISIONS]
+    if bad:
+        raise SystemExit(f"--precisions {bad}: choose from {', '.join(PRECISIONS)}")
+    native = bool(_native_bf16())
+    s["bf16_native"] = native
+    s["precisions"] = [v for v in wanted if v == "fp32" or native or args.force_bf16]
     notes = []
+    if "bf16" in wanted and "bf16" not in s["precisions"]:
+        notes.append("bf16 generation not run: this CPU has no native bf16 (avx512_bf16 / amx_bf16), so bf16 "
+                     "matmuls are emulated and far slower than fp32 (see peak_matmul); --force-bf16 runs it anyway")
     if repeats < 5:
         notes.append(f"{repeats} timed repeats per measurement (< 5): quick/tiny settings, medians are rough")
     if s["full_size"] and s["full_size_repeats"] < 5:
@@ -269,6 +280,13 @@ def load_pipeline(which: str, tiny: bool, full_preset: str = "hart-0.7b"):
     return pipe, info
 
 
+def set_precision(pipe, precision: str):
+    """fp32, or bf16 autocast (weights stay fp32, matmuls run in bf16); returns the autocast
+    context for work outside the pipeline (the DiT)."""
+    pipe.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def hart_runner(pipe, resolution: int, batch: int, **options) -> Callable[[], dict]:
     def run():
         result = pipe(PROMPT, resolution=resolution, num_images=batch, seed=0, **options)
@@ -292,8 +310,9 @@ def case_generation(p: dict) -> dict:
     rss_start = rss_now_mb()
     pipe, info = load_pipeline(p["model"], p["tiny"], p["full_preset"])
     rss_loaded = rss_now_mb()
-    res, batch = p["resolution"], p["batch"]
-    label = f"generation {p['model']} {res}px b{batch}"
+    res, batch, precision = p["resolution"], p["batch"], p.get("precision", "fp32")
+    set_precision(pipe, precision)
+    label = f"generation {p['model']} {res}px b{batch} {precision}"
     gen = hart_runner(pipe, res, batch)
     log(f"{label} warm-up 1/{max(1, p['warmup'])} (FLOP-counted)")
     macs = pipeline_macs(pipe, resolution=res, num_images=batch, seed=0)
@@ -310,7 +329,7 @@ def case_generation(p: dict) -> dict:
     gemm = column(rounds["gemm_fp32"], "gflops")
     total = stats(column(hart, "total"))
     return {
-        "model": p["model"], "model_info": info, "resolution": res, "batch": batch,
+        "model": p["model"], "model_info": info, "resolution": res, "batch": batch, "precision": precision,
         "repeats": p["repeats"], "warmup": max(1, p["warmup"]),
         "latency_s": total["median"],
         "throughput_img_s": batch / total["median"],
@@ -351,9 +370,14 @@ def case_vs_diffusion(p: dict) -> dict:
            "param_ratio_dit_over_hart": dit_params / hart_params, "dit_config": asdict(dit_cfg),
            "cfg": cfg_scale, "batch": p["batch"], "repeats": p["repeats"], "cases": []}
 
+    precision = "fp32"
+
+    def dit_autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
     def dit_run(side: int, smp: DDIMSampler, steps_to_run: int) -> Callable[[], dict]:
         def run():
-            with torch.inference_mode():
+            with torch.inference_mode(), dit_autocast():
                 start = time.perf_counter()
                 states, _, _ = pipe.text_encoder(prompts)
                 rows = smp.rows(states)  # text K/V for cond + uncond rows, once per sample
@@ -371,69 +395,71 @@ def case_vs_diffusion(p: dict) -> dict:
                     "decode": end - t_dec, "total": end - start}
         return run
 
-    for res in p["resolutions"]:
-        side = pipe.schedules[res][-1]
-        label = f"vs_diffusion {p['model']} {res}px"
-        # like for like: HART's hybrid image alone (one decode), as the DiT makes one image
-        hart = hart_runner(pipe, res, p["batch"], decode_discrete=False)
-        # warm-up 1 is the FLOP-counted run of both (same kernels, untimed by the rounds)
-        log(f"{label} warm-up 1/{max(1, p['warmup'])} (FLOP-counted): HART; DiT text + one step + decode")
-        hart_macs = pipeline_macs(pipe, resolution=res, num_images=p["batch"], seed=0, decode_discrete=False)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            encoder_flops, encoded = count_flops(pipe.text_encoder, prompts)
-            kv_flops, rows = count_flops(sampler.rows, encoded[0])
-            text_flops = encoder_flops + kv_flops
-            t1 = time.perf_counter()
-            x = sampler.noise(len(prompts), side, torch.Generator().manual_seed(0))
-            step_flops, x = count_flops(sampler.step, x, 0, rows)
-            t2 = time.perf_counter()
-            decode_flops, _ = count_flops(pipe.tokenizer.decode, x)
-            t3 = time.perf_counter()
-        probe_values = {"text": t1 - t0, "step": t2 - t1, "decode": t3 - t2}
-        probe = dit_run(side, sampler, 1)
-        for w in range(1, p["warmup"]):
-            log(f"{label} warm-up {w + 1}/{p['warmup']}: HART; DiT one step")
-            hart()
-            probe_values = probe()
-        estimate = probe_values["text"] + max(steps_list) * probe_values["step"] + probe_values["decode"]
-        extrapolate = estimate > p["dit_max_seconds"]
-        if extrapolate:
-            k = min(p["dit_timed_steps"], max(steps_list))
-            variants = [("hart", hart), ("dit_probe", dit_run(side, sampler, k))]
-        else:
-            variants = [("hart", hart)] + [(f"dit_{n}", dit_run(side, samplers[n], n)) for n in steps_list]
-        log(f"{label}: DiT {max(steps_list)} steps estimated at {estimate:.1f}s -> "
-            + (f"time {k} step(s) per round and extrapolate" if extrapolate else "full samples"))
-        rounds = interleave(variants, p["repeats"], warmup=0, label=label)
-        hart_total = column(rounds["hart"], "total")
-        case = {"resolution": res, "latent_side": side, "tokens_per_row": side * side,
-                "denoiser_rows_per_step": rows["pooled"].shape[0], "extrapolated": extrapolate,
-                "dit_estimate_from_warmup_s": estimate,
-                "hart_latency_s": stats(hart_total), "hart_stages_s": stage_summary(rounds["hart"]),
-                "hart_path": "hybrid image only (decode_discrete=False): one decoder pass, as the DiT",
-                "hart_macs": hart_macs,
-                "dit_macs_per_step": step_flops // 2, "dit_macs_text": text_flops // 2,
-                "dit_macs_text_kv_once": kv_flops // 2,
-                "dit_macs_decode": decode_flops // 2, "steps": {}}
-        if extrapolate:
-            probe_rounds = rounds["dit_probe"]
-            case["dit_timed_steps_per_round"] = probe_rounds[0]["steps"]
-            case["dit_step_s"] = stats(column(probe_rounds, "step"))
-        for n in steps_list:
+    for precision in p.get("precisions", ["fp32"]):
+        set_precision(pipe, precision)
+        for res in p["resolutions"]:
+            side = pipe.schedules[res][-1]
+            label = f"vs_diffusion {p['model']} {res}px {precision}"
+            # like for like: HART's hybrid image alone (one decode), as the DiT makes one image
+            hart = hart_runner(pipe, res, p["batch"], decode_discrete=False)
+            # warm-up 1 is the FLOP-counted run of both (same kernels, untimed by the rounds)
+            log(f"{label} warm-up 1/{max(1, p['warmup'])} (FLOP-counted): HART; DiT text + one step + decode")
+            hart_macs = pipeline_macs(pipe, resolution=res, num_images=p["batch"], seed=0, decode_discrete=False)
+            with torch.inference_mode(), dit_autocast():
+                t0 = time.perf_counter()
+                encoder_flops, encoded = count_flops(pipe.text_encoder, prompts)
+                kv_flops, rows = count_flops(sampler.rows, encoded[0])
+                text_flops = encoder_flops + kv_flops
+                t1 = time.perf_counter()
+                x = sampler.noise(len(prompts), side, torch.Generator().manual_seed(0))
+                step_flops, x = count_flops(sampler.step, x, 0, rows)
+                t2 = time.perf_counter()
+                decode_flops, _ = count_flops(pipe.tokenizer.decode, x)
+                t3 = time.perf_counter()
+            probe_values = {"text": t1 - t0, "step": t2 - t1, "decode": t3 - t2}
+            probe = dit_run(side, sampler, 1)
+            for w in range(1, p["warmup"]):
+                log(f"{label} warm-up {w + 1}/{p['warmup']}: HART; DiT one step")
+                hart()
+                probe_values = probe()
+            estimate = probe_values["text"] + max(steps_list) * probe_values["step"] + probe_values["decode"]
+            extrapolate = estimate > p["dit_max_seconds"]
             if extrapolate:
-                dit_total = [r["text"] + n * r["step"] + r["decode"] for r in probe_rounds]
+                k = min(p["dit_timed_steps"], max(steps_list))
+                variants = [("hart", hart), ("dit_probe", dit_run(side, sampler, k))]
             else:
-                dit_total = column(rounds[f"dit_{n}"], "total")
-            dit_macs = (text_flops + n * step_flops + decode_flops) // 2
-            case["steps"][str(n)] = {
-                "extrapolated": extrapolate,
-                "dit_latency_s": stats(dit_total),
-                "latency_ratio_dit_over_hart": paired_ratio(dit_total, hart_total),
-                "dit_macs": dit_macs,
-                "macs_ratio_dit_over_hart": dit_macs / hart_macs["total"],
-            }
-        out["cases"].append(case)
+                variants = [("hart", hart)] + [(f"dit_{n}", dit_run(side, samplers[n], n)) for n in steps_list]
+            log(f"{label}: DiT {max(steps_list)} steps estimated at {estimate:.1f}s -> "
+                + (f"time {k} step(s) per round and extrapolate" if extrapolate else "full samples"))
+            rounds = interleave(variants, p["repeats"], warmup=0, label=label)
+            hart_total = column(rounds["hart"], "total")
+            case = {"resolution": res, "precision": precision, "latent_side": side, "tokens_per_row": side * side,
+                    "denoiser_rows_per_step": rows["pooled"].shape[0], "extrapolated": extrapolate,
+                    "dit_estimate_from_warmup_s": estimate,
+                    "hart_latency_s": stats(hart_total), "hart_stages_s": stage_summary(rounds["hart"]),
+                    "hart_path": "hybrid image only (decode_discrete=False): one decoder pass, as the DiT",
+                    "hart_macs": hart_macs,
+                    "dit_macs_per_step": step_flops // 2, "dit_macs_text": text_flops // 2,
+                    "dit_macs_text_kv_once": kv_flops // 2,
+                    "dit_macs_decode": decode_flops // 2, "steps": {}}
+            if extrapolate:
+                probe_rounds = rounds["dit_probe"]
+                case["dit_timed_steps_per_round"] = probe_rounds[0]["steps"]
+                case["dit_step_s"] = stats(column(probe_rounds, "step"))
+            for n in steps_list:
+                if extrapolate:
+                    dit_total = [r["text"] + n * r["step"] + r["decode"] for r in probe_rounds]
+                else:
+                    dit_total = column(rounds[f"dit_{n}"], "total")
+                dit_macs = (text_flops + n * step_flops + decode_flops) // 2
+                case["steps"][str(n)] = {
+                    "extrapolated": extrapolate,
+                    "dit_latency_s": stats(dit_total),
+                    "latency_ratio_dit_over_hart": paired_ratio(dit_total, hart_total),
+                    "dit_macs": dit_macs,
+                    "macs_ratio_dit_over_hart": dit_macs / hart_macs["total"],
+                }
+            out["cases"].append(case)
     return out
 
 
@@ -692,12 +718,13 @@ def section_generation(settings: dict) -> dict:
             continue
         cases = []
         batches = settings["batch_sizes"] if which == "default" else [1]
-        for res in _model_resolutions(settings, which):
-            for batch in batches:
-                log(f"generation: {which} model, {res}px, batch {batch} (subprocess)")
-                params = _case_params(settings, which, resolution=res, batch=batch,
-                                      gemm_n=settings["gemm_side_by_side"])
-                cases.append(run_case("generation", params, settings, force_subprocess=True))
+        for precision in settings["precisions"]:
+            for res in _model_resolutions(settings, which):
+                for batch in batches:
+                    log(f"generation: {which} model, {res}px, batch {batch}, {precision} (subprocess)")
+                    params = _case_params(settings, which, resolution=res, batch=batch, precision=precision,
+                                          gemm_n=settings["gemm_side_by_side"])
+                    cases.append(run_case("generation", params, settings, force_subprocess=True))
         info = cases[0]["model_info"] if cases else {}
         out["default_model" if which == "default" else "full_size"] = {"model_info": info, "cases": cases}
     return out
@@ -712,7 +739,7 @@ def section_vs_diffusion(settings: dict) -> dict:
             continue
         params = _case_params(settings, which, resolutions=_model_resolutions(settings, which), batch=1,
                               dit_steps=settings["dit_steps"], dit_timed_steps=settings["dit_timed_steps"],
-                              dit_max_seconds=settings["dit_max_seconds"])
+                              dit_max_seconds=settings["dit_max_seconds"], precisions=settings["precisions"])
         out[key] = run_case("vs_diffusion", params, settings)
     return out
 
@@ -742,6 +769,7 @@ def section_vs_limit(results: dict) -> dict:
             achieved = case["ar_achieved_gflops"]["median"]
             rows.append({
                 "model": key, "resolution": case["resolution"], "batch": case["batch"],
+                "precision": case.get("precision", "fp32"),
                 "ar_gflop": 2 * case["macs"]["ar"] / 1e9,
                 "ar_s": case["stages_s"]["ar"]["median"],
                 "achieved_gflops": achieved,
@@ -826,14 +854,15 @@ def markdown(results: dict) -> str:
         for key in ("default_model", "full_size"):
             block = gen.get(key, {})
             if "skipped" in block:
-                rows.append([key, "-", "-", block["skipped"]] + ["-"] * 8)
+                rows.append([key, "-", "-", "-", block["skipped"]] + ["-"] * 8)
             for c in block.get("cases", []):
                 st = c["stages_s"]
-                rows.append([f"{key} ({c['model_info']['source']})", c["resolution"], c["batch"], _spread(st["total"]),
+                rows.append([f"{key} ({c['model_info']['source']})", c["resolution"], c["batch"],
+                             c.get("precision", "fp32"), _spread(st["total"]),
                              _f(c["throughput_img_s"]), _f(st["text"]), _f(st["ar"]), _f(st["diffusion"]),
                              _f(st["decode"]), _g(c["macs"]["total"]), f"{c['peak_rss_mb']:.0f}",
                              f"{c['repeats']}"])
-        parts.append(_table(["model", "px", "batch", "latency s [min-max]", "img/s", "text s", "AR s", "res. head s",
+        parts.append(_table(["model", "px", "batch", "precision", "latency s [min-max]", "img/s", "text s", "AR s", "res. head s",
                              "decode s", "GMACs", "peak RSS MB", "repeats"], rows))
     vs = results.get("vs_diffusion")
     if vs:
@@ -842,16 +871,16 @@ def markdown(results: dict) -> str:
         for key in ("default_model", "full_size"):
             block = vs.get(key, {})
             if "skipped" in block:
-                rows.append([key, "-", "-", block["skipped"]] + ["-"] * 6)
+                rows.append([key, "-", "-", "-", block["skipped"]] + ["-"] * 6)
                 continue
             for c in block.get("cases", []):
                 for n, d in c["steps"].items():
                     rows.append([f"{key} ({_f(block['hart_params'] / 1e6)}M vs {_f(block['dit_params'] / 1e6)}M)",
-                                 c["resolution"], n, _f(c["hart_latency_s"]), _f(d["dit_latency_s"]),
+                                 c["resolution"], c.get("precision", "fp32"), n, _f(c["hart_latency_s"]), _f(d["dit_latency_s"]),
                                  _spread(d["latency_ratio_dit_over_hart"]), _g(c["hart_macs"]["total"]),
                                  _g(d["dit_macs"]), _f(d["macs_ratio_dit_over_hart"]),
                                  "yes" if d["extrapolated"] else "no"])
-        parts.append(_table(["model (params HART vs DiT)", "px", "DiT steps", "HART s", "DiT s",
+        parts.append(_table(["model (params HART vs DiT)", "px", "precision", "DiT steps", "HART s", "DiT s",
                              "latency ratio [min-max]", "HART GMACs", "DiT GMACs", "MAC ratio",
                              "extrapolated"], rows))
         for key in ("default_model", "full_size"):
@@ -866,10 +895,10 @@ def markdown(results: dict) -> str:
     if lim:
         parts.append(f"\n### AR pass vs measured peak (fp32 peak {_f(lim['fp32_peak_gflops'])} GFLOP/s, "
                      f"bf16 {_f(lim['bf16_peak_gflops'])} GFLOP/s at {lim['bf16_peak_size']})\n")
-        rows = [[r["model"], r["resolution"], r["batch"], _f(r["ar_gflop"]), _f(r["ar_s"]), _f(r["achieved_gflops"]),
+        rows = [[r["model"], r["resolution"], r["batch"], r.get("precision", "fp32"), _f(r["ar_gflop"]), _f(r["ar_s"]), _f(r["achieved_gflops"]),
                  f"{100 * r['fraction_of_fp32_peak']:.1f}%", f"{100 * r['fraction_of_fp32_peak_side_by_side']:.1f}%",
                  f"{_f(r['fraction_of_bf16_peak'])}x"] for r in lim["cases"]]
-        parts.append(_table(["model", "px", "batch", "AR GFLOP", "AR s", "GFLOP/s", "of fp32 peak",
+        parts.append(_table(["model", "px", "batch", "precision", "AR GFLOP", "AR s", "GFLOP/s", "of fp32 peak",
                              "of fp32 (side by side)", "of bf16 peak"], rows))
     rh = results.get("residual_head")
     if rh:
@@ -921,6 +950,9 @@ def parse_args(argv=None):
                     help="full mode: extrapolate a DiT sample estimated longer than this")
     ap.add_argument("--residual-steps", default="", help="residual head step counts (default 1,4,8,16)")
     ap.add_argument("--train-batch", type=int, default=0, help="training batch (default 16, tiny 4)")
+    ap.add_argument("--precisions", default="", help="generation precisions (default fp32,bf16; bf16 only on "
+                                                      "CPUs with native bf16 unless --force-bf16)")
+    ap.add_argument("--force-bf16", action="store_true", help="run bf16 generation even without native bf16")
     ap.add_argument("--bf16-cap-s", type=float, default=0.0, help="stop bf16 GEMM sizes past this many seconds")
     ap.add_argument("--in-process", action="store_true",
                     help="run the non-generation sections in this process (generation cases always get their own)")

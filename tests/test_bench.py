@@ -112,6 +112,9 @@ def test_tiny_run_has_every_section_and_ratio(tiny_run):
     settings = data["settings"]
     assert settings["quick"] and settings["tiny"] and settings["repeats"] == 1
     assert any("< 5" in note for note in settings["notes"])  # fewer repeats are declared
+    if not settings["bf16_native"]:  # bf16 generation is skipped, and the run says why
+        assert settings["precisions"] == ["fp32"]
+        assert any("bf16 generation not run" in note for note in settings["notes"])
 
     machine = data["machine"]
     assert machine["torch"] == torch.__version__ and machine["torch_threads"] == 1
@@ -188,3 +191,17 @@ def test_markdown_tables_render(tiny_run, tmp_path):
     proc = subprocess.run([sys.executable, "bench/run.py", "--markdown", str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == text
+
+
+def test_forced_bf16_generation_runs_under_autocast(tmp_path):
+    out = tmp_path / "bf16.json"
+    cmd = [sys.executable, "bench/run.py", "--tiny", "--only", "vs_diffusion", "--precisions", "fp32,bf16",
+           "--force-bf16", "--resolutions", "32", "--repeats", "1", "--threads", "1", "--dit-steps", "2",
+           "--in-process", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cases = json.loads(out.read_text())["vs_diffusion"]["default_model"]["cases"]
+    assert [c["precision"] for c in cases] == ["fp32", "bf16"]
+    for c in cases:
+        _positive(c["steps"]["2"]["latency_ratio_dit_over_hart"], f"{c['precision']} ratio")
+    assert "| bf16 |" in proc.stdout  # the markdown table has a precision column

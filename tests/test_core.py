@@ -272,3 +272,19 @@ def test_generate_cli_writes_png(pipe, tmp_path, capsys):
                  "--resolution", "32", "--discrete-out", str(tmp_path / "d.png")]) == 0
     assert Image.open(out).size == (64, 32) and (tmp_path / "d.png").is_file()
     assert "seed 0" in capsys.readouterr().out
+
+
+def test_bf16_autocast_runs_the_matmuls_in_bf16(pipe, monkeypatch):
+    seen = []
+    forward = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: seen.append(out := forward(self, x)) or out)
+    pipe("red apple", seed=0, resolution=32)
+    assert {t.dtype for t in seen} == {torch.float32}
+    seen.clear()
+    pipe.autocast_dtype = torch.bfloat16
+    try:
+        result = pipe("red apple", seed=0, resolution=32)
+    finally:
+        pipe.autocast_dtype = None
+    assert torch.bfloat16 in {t.dtype for t in seen}
+    assert result.images[0].size == (32, 32)

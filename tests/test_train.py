@@ -200,6 +200,7 @@ def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):
                       val_fraction=0.25, choose_defaults=True)
     entry = report["resolutions"]["32"]
     assert set(entry["tokenizer"]) >= {"psnr_discrete", "psnr_hybrid", "ssim_discrete", "ssim_hybrid"}
+    assert 0 <= entry["tokenizer"]["recon_top1_discrete"] <= 1 and 0 <= entry["tokenizer"]["recon_top1_hybrid"] <= 1
     for name in ("exact", "paraphrase"):
         for kind in ("hybrid", "discrete"):
             metrics = entry["generation"][name][kind]
@@ -249,3 +250,28 @@ def test_sample_grid_has_a_discrete_and_a_hybrid_column_per_resolution():
     res = resolutions[0]
     expected = pipe(["red apple", "rocket"], resolution=res, seed=0).images[0].resize((32, 32), 0)
     assert grid.crop((50 + 32, 24, 50 + 64, 56)).tobytes() == expected.tobytes()
+
+
+def test_package_swaps_a_finetuned_decoder_but_refuses_a_changed_encoder(tmp_path):
+    from dataclasses import asdict
+    from hart.checkpoint import write_json, write_weights
+    from train.package import main as package
+    pipe = HARTPipeline.from_preset("tiny")
+    pipe.save_pretrained(tmp_path / "ar")
+    state = {k: v.clone() for k, v in pipe.tokenizer.state_dict().items()}
+    decoder_key = next(k for k in state if k.startswith("decoder.") and k.endswith("weight"))
+    state[decoder_key] += 0.5
+    for name, changed in (("dec", state), ("enc", {**state, "encoder.conv_in.weight": state["encoder.conv_in.weight"] + 0.5})):
+        write_json(asdict(pipe.tokenizer.config), tmp_path / name / "config.json")
+        write_weights(changed, tmp_path / name / "model.safetensors")
+    assert package(["--model", str(tmp_path / "ar"), "--tokenizer", str(tmp_path / "dec"), "--name", "shipped",
+                    "--out", str(tmp_path / "out")]) == 0
+    shipped = HARTPipeline.from_pretrained(tmp_path / "out")
+    assert shipped.name == "shipped"
+    loaded = shipped.tokenizer.state_dict()
+    assert loaded[decoder_key].dtype == torch.float32  # fp16 on disk, upcast on load
+    assert torch.allclose(loaded[decoder_key], state[decoder_key], atol=1e-3)
+    assert (tmp_path / "out" / "tokenizer" / "model.safetensors").stat().st_size < \
+        (tmp_path / "ar" / "tokenizer" / "model.safetensors").stat().st_size  # fp16
+    with pytest.raises(CheckpointError, match="changes how images become tokens"):
+        package(["--model", str(tmp_path / "ar"), "--tokenizer", str(tmp_path / "enc"), "--out", str(tmp_path / "x")])

@@ -80,6 +80,24 @@ def generate_and_retrieve(pipe, prompts, resolution, database, references, batch
     return report
 
 
+@torch.no_grad()
+def reconstruction_retrieval(tokenizer, references: torch.Tensor, database: torch.Tensor, scales,
+                             batch: int = 256) -> dict:
+    """Top-1 retrieval of every dataset image's own tokenizer reconstruction: the ceiling on
+    generation top-1 (an AR model that reproduced the tokens exactly would reach it)."""
+    tokenizer.eval()
+    hits = {"discrete": 0, "hybrid": 0}
+    for start in range(0, len(references), batch):
+        images = references[start:start + batch]
+        indices, residual = tokenizer.encode(images.to(tokenizer.codebook.dtype), scales)
+        fhat = tokenizer.indices_to_fhat(indices, scales)
+        targets = torch.arange(start, start + len(images))[:, None]
+        for name, recon in (("discrete", tokenizer.decode(fhat)), ("hybrid", tokenizer.decode(fhat, residual))):
+            dist = torch.cdist(retrieval_features(recon.float().clamp(-1, 1)), database)
+            hits[name] += int(((dist < dist.gather(1, targets)).sum(1) == 0).sum())
+    return {f"recon_top1_{name}": round(count / len(references), 4) for name, count in hits.items()}
+
+
 def latency(pipe, resolution: int, repeats: int = 5) -> float:
     pipe("red apple", resolution=resolution, seed=0)  # warm-up
     times = []
@@ -147,6 +165,7 @@ def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2
         scales = pipe.schedules[res]
         val = load_dataset(data, res, "val", val_fraction, seed)
         tok_metrics, _ = evaluate_tokenizer(pipe.tokenizer, val, scales)
+        tok_metrics.update(reconstruction_retrieval(pipe.tokenizer, references[res], databases[res], scales))
         entry = {"tokenizer": tok_metrics, "generation": {}, "latency_s": latency(pipe, res)}
         for name, prompts in sets[res].items():
             entry["generation"][name] = generate_and_retrieve(pipe, prompts, res, databases[res], references[res])
