@@ -81,6 +81,7 @@ def build_settings(args) -> dict:
         "bf16_cap_s": args.bf16_cap_s or (0.5 if tiny else 1.0 if quick else 3.0),
         "in_process": args.in_process,
         "prompt": PROMPT,
+        "cfg": args.cfg,                                  # None: each model's default
     }
     wanted = [v.strip() for v in (args.precisions or "fp32,bf16").split(",") if v.strip()]
     bad = [v for v in wanted if v not in PRECISIONS]
@@ -361,7 +362,8 @@ def case_vs_diffusion(p: dict) -> dict:
     pipe, info = load_pipeline(p["model"], p["tiny"], p["full_preset"])
     dit, dit_cfg = make_dit(pipe)
     hart_params, dit_params = count_params(pipe.transformer), count_params(dit)
-    cfg_scale = pipe.sampling_defaults.cfg
+    # the model's default guidance unless --cfg sets one for both sides (cfg 0: no unconditional rows)
+    cfg_scale = pipe.sampling_defaults.cfg if p.get("cfg") is None else float(p["cfg"])
     steps_list = sorted(p["dit_steps"])
     sampler = DDIMSampler(dit, max(steps_list), cfg_scale)
     samplers = {n: DDIMSampler(dit, n, cfg_scale) for n in steps_list}
@@ -401,10 +403,11 @@ def case_vs_diffusion(p: dict) -> dict:
             side = pipe.schedules[res][-1]
             label = f"vs_diffusion {p['model']} {res}px {precision}"
             # like for like: HART's hybrid image alone (one decode), as the DiT makes one image
-            hart = hart_runner(pipe, res, p["batch"], decode_discrete=False)
+            hart = hart_runner(pipe, res, p["batch"], decode_discrete=False, cfg=cfg_scale)
             # warm-up 1 is the FLOP-counted run of both (same kernels, untimed by the rounds)
             log(f"{label} warm-up 1/{max(1, p['warmup'])} (FLOP-counted): HART; DiT text + one step + decode")
-            hart_macs = pipeline_macs(pipe, resolution=res, num_images=p["batch"], seed=0, decode_discrete=False)
+            hart_macs = pipeline_macs(pipe, resolution=res, num_images=p["batch"], seed=0, decode_discrete=False,
+                                      cfg=cfg_scale)
             with torch.inference_mode(), dit_autocast():
                 t0 = time.perf_counter()
                 encoder_flops, encoded = count_flops(pipe.text_encoder, prompts)
@@ -739,7 +742,8 @@ def section_vs_diffusion(settings: dict) -> dict:
             continue
         params = _case_params(settings, which, resolutions=_model_resolutions(settings, which), batch=1,
                               dit_steps=settings["dit_steps"], dit_timed_steps=settings["dit_timed_steps"],
-                              dit_max_seconds=settings["dit_max_seconds"], precisions=settings["precisions"])
+                              dit_max_seconds=settings["dit_max_seconds"], precisions=settings["precisions"],
+                              cfg=settings["cfg"])
         out[key] = run_case("vs_diffusion", params, settings)
     return out
 
@@ -950,6 +954,8 @@ def parse_args(argv=None):
                     help="full mode: extrapolate a DiT sample estimated longer than this")
     ap.add_argument("--residual-steps", default="", help="residual head step counts (default 1,4,8,16)")
     ap.add_argument("--train-batch", type=int, default=0, help="training batch (default 16, tiny 4)")
+    ap.add_argument("--cfg", type=float, default=None,
+                    help="guidance scale for both HART and the DiT in vs_diffusion (default: the model's)")
     ap.add_argument("--precisions", default="", help="generation precisions (default fp32,bf16; bf16 only on "
                                                       "CPUs with native bf16 unless --force-bf16)")
     ap.add_argument("--force-bf16", action="store_true", help="run bf16 generation even without native bf16")

@@ -197,11 +197,14 @@ def test_forced_bf16_generation_runs_under_autocast(tmp_path):
     out = tmp_path / "bf16.json"
     cmd = [sys.executable, "bench/run.py", "--tiny", "--only", "vs_diffusion", "--precisions", "fp32,bf16",
            "--force-bf16", "--resolutions", "32", "--repeats", "1", "--threads", "1", "--dit-steps", "2",
-           "--in-process", "--out", str(out)]
+           "--cfg", "0", "--in-process", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    cases = json.loads(out.read_text())["vs_diffusion"]["default_model"]["cases"]
+    block = json.loads(out.read_text())["vs_diffusion"]["default_model"]
+    cases = block["cases"]
     assert [c["precision"] for c in cases] == ["fp32", "bf16"]
+    # --cfg 0 applies to both sides: no unconditional rows in the DiT, none in HART's AR pass
+    assert block["cfg"] == 0 and all(c["denoiser_rows_per_step"] == 1 for c in cases)
     for c in cases:
         _positive(c["steps"]["2"]["latency_ratio_dit_over_hart"], f"{c['precision']} ratio")
     assert "| bf16 |" in proc.stdout  # the markdown table has a precision column
