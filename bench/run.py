@@ -281,11 +281,9 @@ def load_pipeline(which: str, tiny: bool, full_preset: str = "hart-0.7b"):
     return pipe, info
 
 
-def set_precision(pipe, precision: str):
-    """fp32, or bf16 autocast (weights stay fp32, matmuls run in bf16); returns the autocast
-    context for work outside the pipeline (the DiT)."""
+def set_precision(pipe, precision: str) -> None:
+    """fp32, or bf16 autocast (weights stay fp32, matmuls run in bf16)."""
     pipe.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def hart_runner(pipe, resolution: int, batch: int, **options) -> Callable[[], dict]:

@@ -35,6 +35,12 @@ def retrieval_features(images: torch.Tensor, side: int = 32) -> torch.Tensor:
     return F.interpolate(images, size=(side, side), mode="area").flatten(1)
 
 
+def retrieve(images: torch.Tensor, database: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank of each image's target among the database (0 = nearest) and its nearest distance."""
+    dist = torch.cdist(retrieval_features(images), database)
+    return (dist < dist.gather(1, targets[:, None])).sum(1), dist.min(1).values
+
+
 def prompt_sets(captions: list[dict], count: int, seed: int) -> dict[str, list[tuple[str, int]]]:
     """(prompt, target index) pairs: exact captions, and paraphrases with held-out templates."""
     rng = random.Random(seed)
@@ -61,10 +67,9 @@ def generate_and_retrieve(pipe, prompts, resolution, database, references, batch
         targets = torch.tensor([t for _, t in chunk])
         outputs = {"hybrid": pil_batch(result.images), "discrete": pil_batch(result.discrete_images)}
         for name, images in outputs.items():
-            dist = torch.cdist(retrieval_features(images), database)
-            target_dist = dist.gather(1, targets[:, None])
-            stats[name]["rank"] += (dist < target_dist).sum(1).tolist()
-            stats[name]["dist"] += dist.min(1).values.tolist()
+            rank, nearest = retrieve(images, database, targets)
+            stats[name]["rank"] += rank.tolist()
+            stats[name]["dist"] += nearest.tolist()
         hits = torch.tensor(stats["hybrid"]["rank"][-len(chunk):]) == 0
         ref = references[targets]
         delta = psnr(outputs["hybrid"], ref) - psnr(outputs["discrete"], ref)
@@ -91,10 +96,10 @@ def reconstruction_retrieval(tokenizer, references: torch.Tensor, database: torc
         images = references[start:start + batch]
         indices, residual = tokenizer.encode(images.to(tokenizer.codebook.dtype), scales)
         fhat = tokenizer.indices_to_fhat(indices, scales)
-        targets = torch.arange(start, start + len(images))[:, None]
+        targets = torch.arange(start, start + len(images))
         for name, recon in (("discrete", tokenizer.decode(fhat)), ("hybrid", tokenizer.decode(fhat, residual))):
-            dist = torch.cdist(retrieval_features(recon.float().clamp(-1, 1)), database)
-            hits[name] += int(((dist < dist.gather(1, targets)).sum(1) == 0).sum())
+            rank, _ = retrieve(recon.float().clamp(-1, 1), database, targets)
+            hits[name] += int((rank == 0).sum())
     return {f"recon_top1_{name}": round(count / len(references), 4) for name, count in hits.items()}
 
 
