@@ -206,6 +206,23 @@ def test_residual_off_and_same_tokens(pipe):
     assert on.discrete_images[0].tobytes() == off.discrete_images[0].tobytes()
 
 
+def test_residual_temperature_scales_only_the_head_noise(pipe):
+    base = pipe("red apple", seed=3, resolution=32)
+    cold = pipe("red apple", seed=3, resolution=32, residual_temperature=0.0)
+    # the tokens (and so the discrete image) are unchanged; the residual differs
+    assert cold.discrete_images[0].tobytes() == base.discrete_images[0].tobytes()
+    assert cold.images[0].tobytes() != base.images[0].tobytes()
+    # at 0 the per-step noise is unused: the head gives the same residual whatever it would have drawn
+    head = pipe.transformer.diffloss
+    z = torch.randn(6, head.net.cond_embed.in_features)
+    start = torch.randn(6, head.net.token_dim)
+    steps = [torch.randn(6, head.net.token_dim) for _ in range(4)]
+    a = head.sample(z, steps=4, temperature=0.0, noise=(start, steps))
+    b = head.sample(z, steps=4, temperature=0.0, noise=(start, [torch.randn_like(t) for t in steps]))
+    c = head.sample(z, steps=4, temperature=1.0, noise=(start, [torch.randn_like(t) for t in steps]))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
 def test_hybrid_only_skips_the_discrete_decode(pipe, monkeypatch):
     calls = []
     decode = pipe.tokenizer.decode
@@ -251,6 +268,7 @@ def test_save_load_roundtrip(pipe, tmp_path):
     (dict(diffusion_steps=-1), "diffusion_steps"),
     (dict(cfg=float("nan")), "cfg"),
     (dict(temperature=0.0), "temperature"),
+    (dict(residual_temperature=-0.5), "residual_temperature"),
     (dict(num_images=0), "num_images"),
 ])
 def test_bad_input_raises_clear_errors(pipe, kwargs, message):

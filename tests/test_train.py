@@ -184,6 +184,7 @@ def test_token_dropping_feeds_the_expected_tokens():
 @pytest.mark.parametrize("overrides, message", [
     (dict(resolution=30), "divisible"),
     (dict(data="does/not/exist"), "not found"),
+    (dict(replay_every=2), "replay-resolution"),
 ])
 def test_bad_training_input(shapes_data, tiny_tokenizer, tmp_path, overrides, message):
     data = overrides.pop("data", shapes_data)
@@ -192,12 +193,32 @@ def test_bad_training_input(shapes_data, tiny_tokenizer, tmp_path, overrides, me
         train_ar(cfg)
 
 
+def test_stage_two_replays_the_stage_one_resolution(shapes_data, tiny_tokenizer, tmp_path, monkeypatch):
+    from train.train_ar import ARLoss
+    train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "s1", steps=6, checkpoint_every=6))
+    seen = []
+    forward = ARLoss.forward
+
+    def spy(self, states, positions, inputs, targets, rest, scales, keep, generator):
+        seen.append((tuple(scales), keep is None))
+        return forward(self, states, positions, inputs, targets, rest, scales, keep, generator)
+    monkeypatch.setattr(ARLoss, "forward", spy)
+    train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "s2", resolution=64, steps=7, checkpoint_every=7,
+                       init_from=str(tmp_path / "s1" / "model"), drop_last_scale=True, drop_min_keep=4,
+                       replay_resolution=32, replay_every=3))
+    # every third step trains at 32 px on all its tokens; the others at 64 px with dropping
+    assert seen == [((1, 2, 3, 4), True) if i % 3 == 0 else ((1, 2, 4, 6, 8), False) for i in range(7)]
+    pipe = HARTPipeline.from_pretrained(tmp_path / "s2" / "model")
+    assert pipe.resolutions == [32, 64]
+    assert pipe("red square", resolution=32, seed=0).images[0].size == (32, 32)
+
+
 def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):
     from train.evaluate import evaluate
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=10, checkpoint_every=10))
     model = tmp_path / "ar" / "model"
-    report = evaluate(str(model), str(shapes_data), count=8, cfgs=(0.0, 2.0), top_ks=(0, 3), sweep_count=4,
-                      val_fraction=0.25, choose_defaults=True)
+    report = evaluate(str(model), str(shapes_data), count=8, cfgs=(0.0, 2.0), top_ks=(0, 3),
+                      residual_temperatures=(1.0, 0.0), sweep_count=4, val_fraction=0.25, choose_defaults=True)
     entry = report["resolutions"]["32"]
     assert set(entry["tokenizer"]) >= {"psnr_discrete", "psnr_hybrid", "ssim_discrete", "ssim_hybrid"}
     assert 0 <= entry["tokenizer"]["recon_top1_discrete"] <= 1 and 0 <= entry["tokenizer"]["recon_top1_hybrid"] <= 1
@@ -208,13 +229,19 @@ def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):
     assert entry["latency_s"] > 0
     rows = report["sweep"]["rows"]
     assert [(row["cfg"], row["top_k"]) for row in rows[:2]] == [(0.0, 0), (2.0, 0)]
-    assert len(rows) == 3 and rows[2]["top_k"] == 3 and all(0 <= row["score"] <= 1 for row in rows)
-    best = max(rows, key=lambda row: row["score"])
-    assert report["sweep"]["best"] == {"cfg": best["cfg"], "top_k": best["top_k"]}
+    assert len(rows) == 4 and rows[2]["top_k"] == 3 and all(0 <= row["score"] <= 1 for row in rows)
+    best = max(rows[:3], key=lambda row: row["score"])
+    # last, the residual temperature at the best tokens setting, chosen by residual gain
+    assert (rows[3]["cfg"], rows[3]["top_k"], rows[3]["residual_temperature"]) == (best["cfg"], best["top_k"], 0.0)
+    gain = {row["residual_temperature"]: row["residual_gain_db"] if row["residual_gain_db"] is not None else -1e9
+            for row in (best, rows[3])}
+    temp = max(gain, key=gain.get)
+    assert report["sweep"]["best"] == {"cfg": best["cfg"], "top_k": best["top_k"], "residual_temperature": temp}
     # the chosen setting is the model's default from now on, and the report used it
     stored = json.loads((model / "model_index.json").read_text())["sampling"]
-    assert (stored["cfg"], stored["top_k"]) == (best["cfg"], best["top_k"])
+    assert (stored["cfg"], stored["top_k"], stored["residual_temperature"]) == (best["cfg"], best["top_k"], temp)
     assert report["sampling_defaults"]["cfg"] == best["cfg"]
+    assert report["sampling_defaults"]["residual_temperature"] == temp
 
 
 def test_perceptual_loss_from_a_local_file(tmp_path):

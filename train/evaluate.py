@@ -114,28 +114,32 @@ def latency(pipe, resolution: int, repeats: int = 5) -> float:
 
 
 def sweep(pipe, prompt_sets_by_res: dict, databases: dict, references: dict, settings: list[dict]) -> list[dict]:
-    """Hybrid top-1 for each sampling setting (cfg, top_k), per resolution and prompt set;
-    `score` is the mean over all of them (what --choose-defaults maximises)."""
+    """Hybrid top-1 for each sampling setting, per resolution and prompt set; `score` is the
+    mean over all of them, `residual_gain_db` the mean residual gain (what the choice maximises)."""
     rows = []
     for setting in settings:
         row = dict(setting)
-        scores = []
+        scores, gains = [], []
         for res, sets in prompt_sets_by_res.items():
             for name, prompts in sets.items():
                 r = generate_and_retrieve(pipe, prompts, res, databases[res], references[res], **setting)
                 row[f"{name}_top1" if len(prompt_sets_by_res) == 1 else f"{res}_{name}_top1"] = r["hybrid"]["top1"]
                 scores.append(r["hybrid"]["top1"])
+                if r["residual_gain_db"] is not None:
+                    gains.append(r["residual_gain_db"])
         row["score"] = round(statistics.fmean(scores), 4)
+        row["residual_gain_db"] = round(statistics.fmean(gains), 3) if gains else None
         rows.append(row)
     return rows
 
 
 def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2.0, 3.0, 4.5),
-             top_ks: tuple = (0, 50, 10), sweep_count: int = 100, seed: int = 0, val_fraction: float = 0.05,
-             choose_defaults: bool = False) -> dict:
-    """The report. With choose_defaults the cfg / top-k sweep runs first on prompts disjoint
-    from the reported ones, the best setting is written into the model's model_index.json, and
-    every reported number uses it."""
+             top_ks: tuple = (0, 50, 10), residual_temperatures: tuple = (1.0, 0.5, 0.0), sweep_count: int = 100,
+             seed: int = 0, val_fraction: float = 0.05, choose_defaults: bool = False) -> dict:
+    """The report. With choose_defaults the sweep runs first on prompts disjoint from the
+    reported ones: cfg, then top-k (both by retrieval top-1), then the residual head's noise
+    temperature (by residual gain). The best setting is written into the model's
+    model_index.json, and every reported number uses it."""
     pipe = HARTPipeline.from_pretrained(model)
     full, references, databases, sets, sweep_sets = {}, {}, {}, {}, {}
     for res in pipe.resolutions:
@@ -147,14 +151,20 @@ def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2
         # a dataset too small for two disjoint sets sweeps on the reported prompts (and says so)
         disjoint = all(len(v) > count for v in both.values())
         sweep_sets[res] = {k: v[count:] if disjoint else v[:sweep_count] for k, v in both.items()}
-    # cfg at the stored top-k, then top-k at the best cfg
-    top_k = pipe.sampling_defaults.top_k
-    rows = sweep(pipe, sweep_sets, databases, references, [{"cfg": c, "top_k": top_k} for c in cfgs])
+    # cfg at the stored top-k, then top-k at the best cfg, then the residual temperature
+    top_k, temp = pipe.sampling_defaults.top_k, pipe.sampling_defaults.residual_temperature
+    rows = sweep(pipe, sweep_sets, databases, references,
+                 [{"cfg": c, "top_k": top_k, "residual_temperature": temp} for c in cfgs])
     best_cfg = max(rows, key=lambda r: r["score"])["cfg"]
     rows += sweep(pipe, sweep_sets, databases, references,
-                  [{"cfg": best_cfg, "top_k": k} for k in top_ks if k != top_k])
+                  [{"cfg": best_cfg, "top_k": k, "residual_temperature": temp} for k in top_ks if k != top_k])
     best = max(rows, key=lambda r: r["score"])
-    chosen = {"cfg": best["cfg"], "top_k": best["top_k"]}
+    rows += sweep(pipe, sweep_sets, databases, references,
+                  [{"cfg": best["cfg"], "top_k": best["top_k"], "residual_temperature": t}
+                   for t in residual_temperatures if t != temp])
+    same_tokens = [r for r in rows if (r["cfg"], r["top_k"]) == (best["cfg"], best["top_k"])]
+    best = max(same_tokens, key=lambda r: -1e9 if r["residual_gain_db"] is None else r["residual_gain_db"])
+    chosen = {"cfg": best["cfg"], "top_k": best["top_k"], "residual_temperature": best["residual_temperature"]}
     if choose_defaults:
         index_path = Path(model) / "model_index.json"
         index = json.loads(index_path.read_text())
@@ -188,12 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=300, help="prompts per set (exact, paraphrase)")
     parser.add_argument("--sweep", default="0,1,2,3,4.5", help="cfg values to sweep")
     parser.add_argument("--sweep-top-k", default="0,50,10", help="top-k values to sweep at the best cfg")
+    parser.add_argument("--sweep-residual-temperature", default="1,0.5,0",
+                        help="residual-head noise temperatures to sweep at the best cfg / top-k")
     parser.add_argument("--sweep-count", type=int, default=100, help="prompts per set in the sweep")
     parser.add_argument("--choose-defaults", action="store_true",
-                        help="write the sweep's best cfg / top-k into the model's model_index.json first")
+                        help="write the sweep's best cfg / top-k / residual temperature into the model's model_index.json first")
     args = parser.parse_args(argv)
     report = evaluate(args.model, args.data, args.count, tuple(float(v) for v in args.sweep.split(",")),
-                      tuple(int(v) for v in args.sweep_top_k.split(",")), args.sweep_count,
+                      tuple(int(v) for v in args.sweep_top_k.split(",")),
+                      tuple(float(v) for v in args.sweep_residual_temperature.split(",")), args.sweep_count,
                       choose_defaults=args.choose_defaults)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

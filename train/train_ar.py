@@ -4,7 +4,9 @@ Teacher forcing over all scales with the block-causal mask; cross-entropy on the
 tokens; the residual diffusion loss on the last scale, conditioned on the last hidden state
 plus the embedding of the model's own sampled tokens; uniform condition dropout for CFG.
 Stage 2 (`--init-from stage1/model --resolution 128`) copies the stage-1 weights (the 2D RoPE
-makes them resolution-free) and drops most last-scale tokens (`--drop-last-scale true`).
+makes them resolution-free) and drops most last-scale tokens (`--drop-last-scale true`);
+`--replay-resolution 64 --replay-every 4` keeps training a quarter of the steps at 64 px so the
+one model serves both resolutions.
 
     python -m train.train_ar --preset emoji-64 --tokenizer runs/tok64/tokenizer --out runs/ar64
     accelerate launch --num_processes 8 -m train.train_ar --preset emoji-128 ...
@@ -61,6 +63,8 @@ class ARTrainConfig:
     diffusion_weight: float = 1.0
     drop_last_scale: bool = False      # MAR-style last-scale token dropping
     drop_min_keep: int = 16
+    replay_resolution: int = 0         # stage 2: also train at this (stage-1) resolution ...
+    replay_every: int = 0              # ... on every n-th step, so one model keeps both resolutions
     attn_impl: str = "math"            # math | sdpa (math is faster for masked backward on CPU)
     mixed_precision: str = "auto"
     cfg_default: float = 3.0           # sampling defaults stored with the model
@@ -79,7 +83,7 @@ PRESETS = {
                           eval_every=30, checkpoint_every=15, diffusion_batch_mul=2),
     "emoji-64": ARTrainConfig(),
     "emoji-128": ARTrainConfig(resolution=128, batch_size=16, steps=4000, lr=3e-4, warmup=100,
-                               drop_last_scale=True),
+                               drop_last_scale=True, replay_resolution=64, replay_every=4),
 }
 
 
@@ -203,14 +207,45 @@ def load_tokenizer(path: str) -> HybridTokenizer:
     return tokenizer.eval().requires_grad_(False)
 
 
-def schedule_for(cfg: ARTrainConfig) -> tuple[int, ...]:
-    if cfg.scales:
+def schedule_for(cfg: ARTrainConfig, resolution: int | None = None) -> tuple[int, ...]:
+    if cfg.scales and resolution is None:
         return tuple(cfg.scales)
+    resolution = cfg.resolution if resolution is None else resolution
     resolutions = get_preset(cfg.model_preset).resolutions
-    if cfg.resolution not in resolutions:
-        raise ValueError(f"resolution {cfg.resolution} has no schedule in preset {cfg.model_preset!r} "
+    if resolution not in resolutions:
+        raise ValueError(f"resolution {resolution} has no schedule in preset {cfg.model_preset!r} "
                          f"({sorted(resolutions)}); pass --scales")
-    return resolutions[cfg.resolution]
+    return resolutions[resolution]
+
+
+@dataclass
+class ResolutionData:
+    """What one training resolution needs: its schedule, dataset and cached tokens."""
+    resolution: int
+    scales: tuple
+    dataset: object
+    indices: torch.Tensor      # [N, sum of scale areas] token ids per dataset image
+    rest: torch.Tensor         # [N, last area, C] what the last scale's codes leave (residual target)
+    items: torch.Tensor        # dataset image ids trained on
+    per_epoch: int
+
+
+def prepare_resolution(cfg: ARTrainConfig, resolution: int, scales, tokenizer, accelerator, out: Path) -> ResolutionData:
+    ds = tokenizer.config.downsample
+    if resolution % ds:
+        raise ValueError(f"resolution {resolution} is not divisible by the tokenizer's downsampling factor {ds}")
+    if scales[-1] * ds != resolution:
+        raise ValueError(f"scales {scales}: the last scale x {ds} must equal {resolution}")
+    dataset = load_dataset(cfg.data, resolution, cfg.split, cfg.val_fraction, cfg.seed,
+                           caption_variation=cfg.caption_variation)
+    cache = TokenCache(tokenizer, dataset, scales, out / "cache")
+    if accelerator.is_main_process:
+        cache.build(tokenizer, dataset)
+    accelerator.wait_for_everyone()
+    indices, rest = cache.load()
+    items = torch.tensor(dataset.indices)
+    per_epoch = max(1, len(items) // (cfg.batch_size * accelerator.num_processes))
+    return ResolutionData(resolution, tuple(scales), dataset, indices, rest, items, per_epoch)
 
 
 @torch.no_grad()
@@ -231,31 +266,25 @@ def train(cfg: ARTrainConfig) -> dict:
     scales = schedule_for(cfg)
     preset = get_preset(cfg.model_preset)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    ds = tokenizer.config.downsample
-    if cfg.resolution % ds:
-        raise ValueError(f"resolution {cfg.resolution} is not divisible by the tokenizer's downsampling factor {ds}")
-    if scales[-1] * ds != cfg.resolution:
-        raise ValueError(f"scales {scales}: the last scale x {ds} must equal {cfg.resolution}")
+    if cfg.replay_every and not cfg.replay_resolution:
+        raise ValueError("--replay-every needs --replay-resolution")
     tf_cfg = preset.transformer
     tf_cfg.vocab_size, tf_cfg.token_dim = tokenizer.config.vocab_size, tokenizer.config.z_channels
     tf_cfg.patch_nums, tf_cfg.diffusion_batch_mul, tf_cfg.cond_drop_rate = scales, cfg.diffusion_batch_mul, cfg.cond_drop
 
     accelerator = make_accelerator(cfg.mixed_precision, log_dir=out)
     rank, world = accelerator.process_index, accelerator.num_processes
-    dataset = load_dataset(cfg.data, cfg.resolution, cfg.split, cfg.val_fraction, cfg.seed,
-                           caption_variation=cfg.caption_variation)
+    main_data = prepare_resolution(cfg, cfg.resolution, scales, tokenizer, accelerator, out)
+    replay = None
+    if cfg.replay_resolution and cfg.replay_every:
+        replay = prepare_resolution(cfg, cfg.replay_resolution, schedule_for(cfg, cfg.replay_resolution),
+                                    tokenizer, accelerator, out)
+    dataset = main_data.dataset
     encoder = TextEncoder.from_config(preset.text_encoder)
     if encoder.hidden_size != tf_cfg.context_dim:
         raise ValueError(f"text encoder width {encoder.hidden_size} != transformer context_dim {tf_cfg.context_dim}")
 
-    cache = TokenCache(tokenizer, dataset, scales, out / "cache")
-    if accelerator.is_main_process:
-        cache.build(tokenizer, dataset)
-    accelerator.wait_for_everyone()
-    all_indices, all_rest = cache.load()
     text_cache = TextCache(encoder)
-    items = torch.tensor(dataset.indices)
-    per_epoch = max(1, len(items) // (cfg.batch_size * world))
 
     torch.manual_seed(cfg.seed)
     transformer = HARTTransformer(tf_cfg)
@@ -283,7 +312,7 @@ def train(cfg: ARTrainConfig) -> dict:
     log = RunLog(out, accelerator, start_step) if accelerator.is_main_process else None
     if accelerator.is_main_process:
         write_json(config_dict, out / "config.json")
-    eval_prompts = [dataset.captions[int(i)]["text"] for i in items[:8]]
+    eval_prompts = [dataset.captions[int(i)]["text"] for i in main_data.items[:8]]
     resolutions = {r: s for r, s in preset.resolutions.items() if r <= cfg.resolution}
     resolutions[cfg.resolution] = scales
 
@@ -297,22 +326,26 @@ def train(cfg: ARTrainConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_scale
             gen = step_generator(cfg.seed, step, rank)
-            picked = items[batch_indices(len(items), cfg.batch_size, step, cfg.seed, rank, world)]
-            dataset.set_epoch(step // per_epoch)
-            states, positions = text_cache([dataset.caption(int(i)) for i in picked])
+            # replay steps (step % replay_every == 0) never coincide with a logged step
+            is_replay = replay is not None and step % cfg.replay_every == 0
+            data, order_step = (replay, step // cfg.replay_every) if is_replay else (main_data, step)
+            picked = data.items[batch_indices(len(data.items), cfg.batch_size, order_step, cfg.seed, rank, world)]
+            data.dataset.set_epoch(order_step // data.per_epoch)
+            states, positions = text_cache([data.dataset.caption(int(i)) for i in picked])
             dropped = torch.rand(len(picked), generator=gen) < cfg.cond_drop  # uniform draw
             states[dropped] = 0
             positions[dropped] = 0  # the sampler's unconditional rows use zero positions too
-            targets = all_indices[picked]
+            targets = data.indices[picked]
             with torch.no_grad():
-                splits = torch.split(targets, [s * s for s in scales], dim=1)
-                inputs = tokenizer.quantize.teacher_forcing_inputs(list(splits), scales)
-            keep = last_scale_keep(len(picked), scales[-1] ** 2, cfg.drop_min_keep, gen) if cfg.drop_last_scale else None
+                splits = torch.split(targets, [s * s for s in data.scales], dim=1)
+                inputs = tokenizer.quantize.teacher_forcing_inputs(list(splits), data.scales)
+            keep = (last_scale_keep(len(picked), data.scales[-1] ** 2, cfg.drop_min_keep, gen)
+                    if cfg.drop_last_scale and not is_replay else None)
             device = accelerator.device
             model.train()
             with accelerator.autocast():
                 loss, ce, diff, acc = model(states.to(device), positions.to(device), inputs.to(device),
-                                            targets.to(device), all_rest[picked].to(device), scales,
+                                            targets.to(device), data.rest[picked].to(device), data.scales,
                                             None if keep is None else keep.to(device), gen)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
