@@ -1,5 +1,6 @@
 """Trainers: loss goes down, exact resume after SIGKILL, two-process accelerate run, token dropping."""
 import json
+import math
 import os
 from pathlib import Path
 import signal
@@ -194,7 +195,6 @@ def test_bad_training_input(shapes_data, tiny_tokenizer, tmp_path, overrides, me
 
 
 def test_stage_two_replays_the_stage_one_resolution(shapes_data, tiny_tokenizer, tmp_path, monkeypatch):
-    from train.train_ar import ARLoss
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "s1", steps=6, checkpoint_every=6))
     seen = []
     forward = ARLoss.forward
@@ -227,6 +227,9 @@ def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):
             metrics = entry["generation"][name][kind]
             assert 0 <= metrics["top1"] <= metrics["top5"] <= 1 and metrics["mean_nn_distance"] > 0
     assert entry["latency_s"] > 0
+    check = entry["residual_head_teacher_forced"]
+    assert check["images"] == 8 and check["residual_variance_explained"] <= 1
+    assert all(math.isfinite(check[k]) for k in ("true_residual_gain_db", "predicted_residual_gain_db"))
     rows = report["sweep"]["rows"]
     assert [(row["cfg"], row["top_k"]) for row in rows[:2]] == [(0.0, 0), (2.0, 0)]
     assert len(rows) == 4 and rows[2]["top_k"] == 3 and all(0 <= row["score"] <= 1 for row in rows)
