@@ -221,7 +221,6 @@ def schedule_for(cfg: ARTrainConfig, resolution: int | None = None) -> tuple[int
 @dataclass
 class ResolutionData:
     """What one training resolution needs: its schedule, dataset and cached tokens."""
-    resolution: int
     scales: tuple
     dataset: object
     indices: torch.Tensor      # [N, sum of scale areas] token ids per dataset image
@@ -245,7 +244,7 @@ def prepare_resolution(cfg: ARTrainConfig, resolution: int, scales, tokenizer, a
     indices, rest = cache.load()
     items = torch.tensor(dataset.indices)
     per_epoch = max(1, len(items) // (cfg.batch_size * accelerator.num_processes))
-    return ResolutionData(resolution, tuple(scales), dataset, indices, rest, items, per_epoch)
+    return ResolutionData(tuple(scales), dataset, indices, rest, items, per_epoch)
 
 
 @torch.no_grad()
