@@ -72,6 +72,16 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Warm start: copy every tensor whose name and shape match; return the keys left as
+    initialised (e.g. the token projections when the tokenizer's latent width changed)."""
+    expected = module.state_dict()
+    usable = {k: v.to(expected[k].dtype) for k, v in state.items()
+              if k in expected and tuple(v.shape) == tuple(expected[k].shape)}
+    module.load_state_dict(usable, strict=False)
+    return sorted(set(expected) - set(usable))
+
+
 def read_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -229,7 +229,7 @@ class MultiScaleQuantizer(nn.Module):
 
     def nearest_codes(self, z: torch.Tensor) -> torch.Tensor:
         """z [N, C] -> index of the nearest code by squared L2 (first index wins ties)."""
-        codebook = self.embedding.weight
+        codebook, z = self.embedding.weight.float(), z.float()  # argmin in fp32, also under bf16 autocast
         dist = (z.square().sum(1, keepdim=True) + codebook.square().sum(1)[None]).addmm_(
             z, codebook.t(), alpha=-2, beta=1)
         return dist.argmin(1)

@@ -63,6 +63,22 @@ def test_tokenizer_training_forward_alternates_paths(pipe):
     tok.eval()
 
 
+def test_tokenizer_trains_under_bf16_autocast_with_fp32_code_search(pipe):
+    tok = pipe.tokenizer.train()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recon, vq_loss, indices, _ = tok(images, pipe.schedules[32], continuous=False)
+        latent = tok.encode_latent(images)
+        assert latent.dtype == torch.bfloat16
+        picked = tok.quantize.nearest_codes(latent.flatten(2).transpose(1, 2).flatten(0, 1))
+    (recon.float().square().mean() + vq_loss.float()).backward()
+    tok.zero_grad(set_to_none=True)
+    tok.eval()
+    # the search runs in fp32: same codes as for the upcast latent outside autocast
+    z = latent.float().flatten(2).transpose(1, 2).flatten(0, 1)
+    assert torch.equal(picked, tok.quantize.nearest_codes(z))
+
+
 def test_phi_index_uses_float64_ticks():
     assert [phi_index(k, 10, 4) for k in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
     assert [phi_index(k, 14, 4) for k in range(14)] == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
@@ -261,6 +277,23 @@ def test_save_load_roundtrip(pipe, tmp_path):
     a = pipe("red apple", seed=5, resolution=64)
     b = loaded("red apple", seed=5, resolution=64)
     assert a.images[0].tobytes() == b.images[0].tobytes()
+
+
+def test_warm_start_loads_matching_tensors_and_names_the_rest():
+    from dataclasses import replace
+    from hart.checkpoint import load_matching
+    from hart.presets import get_preset
+    from hart.transformer import HARTTransformer
+    cfg = get_preset("tiny").transformer
+    torch.manual_seed(0)
+    source = HARTTransformer(cfg)
+    target = HARTTransformer(replace(cfg, token_dim=cfg.token_dim * 2))
+    fresh = load_matching(target, source.state_dict())
+    shapes = {k: v.shape for k, v in source.state_dict().items()}
+    changed = sorted(k for k, v in target.state_dict().items() if v.shape != shapes[k])
+    assert fresh == changed and "word_embed.weight" in fresh
+    kept = next(k for k in shapes if k not in fresh and k.startswith("blocks.0."))
+    assert torch.equal(target.state_dict()[kept], source.state_dict()[kept])
 
 
 @pytest.mark.parametrize("kwargs, message", [

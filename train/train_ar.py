@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 import hashlib
 import json
+import math
 from pathlib import Path
 import sys
 import time
@@ -26,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hart.checkpoint import (config_from_dict, load_into, read_json, read_weights, write_json,
-                             write_weights)
+from hart.checkpoint import (config_from_dict, load_into, load_matching, read_json, read_weights,
+                             write_json, write_weights)
 from hart.pipeline import HARTPipeline, write_pipeline
 from hart.presets import get_preset
 from hart.text_encoder import TextEncoder
@@ -49,6 +50,7 @@ class ARTrainConfig:
     resolution: int = 64
     scales: tuple = ()                 # empty: the preset's schedule for this resolution
     init_from: str = ""                # pipeline folder whose transformer weights start this run (stage 2)
+    init_partial: bool = False         # warm start: load only the tensors whose shapes match (new tokenizer)
     split: str = "all"                 # data split trained on (all | train)
     caption_variation: bool = True
     batch_size: int = 32
@@ -289,8 +291,13 @@ def train(cfg: ARTrainConfig) -> dict:
     transformer = HARTTransformer(tf_cfg)
     if cfg.init_from:
         src = Path(cfg.init_from) / "transformer" / "model.safetensors"
-        load_into(transformer, read_weights(src), str(src))
-        accelerator.print(f"initialised from {src}")
+        if cfg.init_partial:
+            fresh = load_matching(transformer, read_weights(src))
+            accelerator.print(f"initialised from {src}; {len(fresh)} tensors of other shapes left fresh: "
+                              + ", ".join(fresh))
+        else:
+            load_into(transformer, read_weights(src), str(src))
+            accelerator.print(f"initialised from {src}")
     for block in transformer.blocks:
         block.attn.use_sdpa = cfg.attn_impl == "sdpa"
     ema = EMA(transformer, cfg.ema_decay)
@@ -348,14 +355,16 @@ def train(cfg: ARTrainConfig) -> dict:
                                             None if keep is None else keep.to(device), gen)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # the norm is logged either way: a clip that binds on most steps just lowers the lr
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             ema.update(unwrap(accelerator, model).transformer, step)
             if log and (step + 1) % cfg.log_every == 0:
                 elapsed = time.time() - started
                 log.write(step + 1, loss=round(loss.item(), 5), ce=round(ce.item(), 5), diff=round(diff.item(), 5),
-                          acc=round(acc.item(), 4), lr=round(cfg.lr * lr_scale, 7),
+                          acc=round(acc.item(), 4), grad_norm=round(float(grad_norm), 4),
+                          lr=round(cfg.lr * lr_scale, 7),
                           steps_per_s=round((step + 1 - start_step) / elapsed, 3),
                           last_scale_kept=scales[-1] ** 2 if keep is None else keep.shape[1])
                 bar.set_postfix(ce=f"{ce.item():.3f}", diff=f"{diff.item():.3f}", acc=f"{acc.item():.3f}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 import json
+import math
 from pathlib import Path
 import sys
 import time
@@ -19,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hart.checkpoint import config_from_dict, load_into, read_json, read_weights, write_json, write_weights
+from hart.checkpoint import (config_from_dict, load_into, load_matching, read_json, read_weights, write_json,
+                             write_weights)
 from hart.presets import get_preset
 from hart.tokenizer import HybridTokenizer, TokenizerConfig
 
@@ -42,6 +44,7 @@ class TokenizerTrainConfig:
     warmup: int = 100
     steps: int = 3000
     continuous_prob: float = 0.5
+    beta: float = 0.25                 # commitment weight (pulls the latent toward its codes)
     l1_weight: float = 1.0
     l2_weight: float = 1.0
     vq_weight: float = 1.0
@@ -51,6 +54,7 @@ class TokenizerTrainConfig:
     perceptual_weight: float = 0.0     # VGG feature loss weight (needs perceptual_weights)
     perceptual_weights: str = ""       # local VGG16 features file; never downloaded
     init_from: str = ""                # tokenizer folder to start from
+    init_partial: bool = False         # warm start the preset's architecture from the tensors that fit
     decoder_only: bool = False         # freeze encoder, codebook and phi (codes stay valid for a trained AR)
     grad_clip: float = 1.0
     mixed_precision: str = "auto"      # no | bf16 | fp16 | auto (bf16 where the hardware has it)
@@ -140,11 +144,11 @@ def evaluate(tokenizer: HybridTokenizer, dataset, scales, batch_size: int = 64, 
 def train(cfg: TokenizerTrainConfig) -> dict:
     out = Path(cfg.out)
     scales = schedule_for(cfg)
-    if cfg.init_from:
+    if cfg.init_from and not cfg.init_partial:
         tok_cfg = config_from_dict(TokenizerConfig, read_json(Path(cfg.init_from) / "config.json"), cfg.init_from)
     else:
         tok_cfg = get_preset(cfg.model_preset).tokenizer
-    tok_cfg.continuous_prob = cfg.continuous_prob
+    tok_cfg.continuous_prob, tok_cfg.beta = cfg.continuous_prob, cfg.beta
     if cfg.resolution % tok_cfg.downsample:
         raise ValueError(f"resolution {cfg.resolution} is not divisible by the tokenizer's downsampling "
                          f"factor {tok_cfg.downsample}")
@@ -159,7 +163,11 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     tokenizer = HybridTokenizer(tok_cfg)
     if cfg.init_from:
         src = Path(cfg.init_from) / "model.safetensors"
-        load_into(tokenizer, read_weights(src), str(src))
+        if cfg.init_partial:
+            fresh = load_matching(tokenizer, read_weights(src))
+            print(f"initialised from {src}; left fresh (other shapes): {', '.join(fresh)}")
+        else:
+            load_into(tokenizer, read_weights(src), str(src))
     if cfg.decoder_only:  # HART's recipe on a trained tokenizer: only the decoder side learns
         for name, p in tokenizer.named_parameters():
             p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
@@ -219,8 +227,9 @@ def train(cfg: TokenizerTrainConfig) -> dict:
                     loss = loss + cfg.disc_weight * gan + d_loss
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # the norm is logged either way: a clip that binds on most steps just lowers the lr
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             for level in indices:
                 usage += torch.bincount(level.flatten().cpu(), minlength=tok_cfg.vocab_size)
@@ -237,6 +246,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
             if log and (step + 1) % cfg.log_every == 0:
                 log.write(step + 1, loss=round(loss.item(), 5), l1=round(l1.item(), 5), l2=round(l2.item(), 5),
                           vq=round(vq_loss.item(), 5), gan=round(float(gan), 5), continuous=continuous,
+                          grad_norm=round(float(grad_norm), 4),
                           lr=optimizer.param_groups[0]["lr"])
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(step + 1 - start_step) * cfg.batch_size * world / (time.time() - started):.1f}")
             done = step + 1 == cfg.steps
