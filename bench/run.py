@@ -38,7 +38,8 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` from anywhere
 
 import torch  # noqa: E402
 
-SECTIONS = ("machine", "peak_matmul", "generation", "vs_diffusion", "vs_limit", "residual_head", "training")
+SECTIONS = ("machine", "peak_matmul", "generation", "vs_diffusion", "vs_limit", "residual_head", "decode_layout",
+            "training")
 DEPENDS = {"vs_limit": ("peak_matmul", "generation")}
 PROMPT = "a smiling yellow cat face"
 SKIPPED_FULL = "not run: --quick/--tiny without --full-size"
@@ -497,6 +498,34 @@ def case_residual_head(p: dict) -> dict:
     return out
 
 
+def case_decode_layout(p: dict) -> dict:
+    """The decoder on a contiguous (NCHW) input against a channels-last one, interleaved, per
+    precision: the measurement behind `HybridTokenizer.decode` converting its input."""
+    pipe, info = load_pipeline(p["model"], p["tiny"], p["full_preset"])
+    tok = pipe.tokenizer
+    out = {"model": p["model"], "model_info": info, "batch": p["batch"], "repeats": p["repeats"], "cases": []}
+    for res in p["resolutions"]:
+        side = res // tok.config.downsample
+        latent = torch.randn(p["batch"], tok.config.z_channels, side, side, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            h = tok.post_quant_conv(latent)
+        for precision in p["precisions"]:
+            def runner(layout, precision=precision):
+                x = h.contiguous(memory_format=layout)
+
+                def run():
+                    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+                        tok.decoder(x)
+                return run
+            rounds = interleave([("contiguous", runner(torch.contiguous_format)),
+                                 ("channels_last", runner(torch.channels_last))],
+                                p["repeats"], max(1, p["warmup"]), label=f"decode_layout {res}px {precision}")
+            before, after = column(rounds["contiguous"], "wall"), column(rounds["channels_last"], "wall")
+            out["cases"].append({"resolution": res, "precision": precision, "contiguous_s": stats(before),
+                                 "channels_last_s": stats(after), "speedup": paired_ratio(before, after)})
+    return out
+
+
 def case_training(p: dict) -> dict:
     """AR training steps/s (ARLoss forward + backward + grad clip + AdamW) on random tensors,
     with and without last-scale token dropping, interleaved. Data loading, teacher-forcing
@@ -568,7 +597,7 @@ def case_training(p: dict) -> dict:
 
 
 CASES = {"generation": case_generation, "vs_diffusion": case_vs_diffusion,
-         "residual_head": case_residual_head, "training": case_training}
+         "residual_head": case_residual_head, "decode_layout": case_decode_layout, "training": case_training}
 
 
 def run_case(name: str, params: dict, settings: dict, force_subprocess: bool = False) -> dict:
@@ -752,6 +781,20 @@ def section_residual_head(settings: dict) -> dict:
     return run_case("residual_head", params, settings)
 
 
+def section_decode_layout(settings: dict) -> dict:
+    out = {}
+    for which in ("default", "full"):
+        key = "default_model" if which == "default" else "full_size"
+        if which == "full" and not settings["full_size"]:
+            out[key] = {"skipped": SKIPPED_FULL}
+            continue
+        params = _case_params(settings, which, resolutions=_model_resolutions(settings, which),
+                              batch=1 if which == "full" else max(settings["batch_sizes"]),
+                              precisions=settings["precisions"])
+        out[key] = run_case("decode_layout", params, settings)
+    return out
+
+
 def section_training(settings: dict) -> dict:
     preset = "tiny" if settings["tiny"] else "emoji"
     from hart.presets import get_preset
@@ -914,6 +957,16 @@ def markdown(results: dict) -> str:
                              _g(d["head_macs"]), f"{100 * d['macs_share']:.1f}%"])
             rows.append([c["resolution"], "off", "0", _f(c["off"]["total_s"]), "0%", "0", "0%"])
         parts.append(_table(["px", "steps", "head s", "total s", "time share", "head GMACs", "MAC share"], rows))
+    dl = results.get("decode_layout")
+    if dl:
+        parts.append("\n### Decoder memory layout (contiguous vs channels-last input, interleaved)\n")
+        rows = []
+        for key, section in dl.items():
+            for c in section.get("cases", []):
+                rows.append([key, c["resolution"], section["batch"], c["precision"], _f(c["contiguous_s"]),
+                             _f(c["channels_last_s"]), f"{_f(c['speedup'])}x"])
+        parts.append(_table(["model", "px", "batch", "precision", "contiguous s", "channels-last s", "speed-up"],
+                            rows))
     tr = results.get("training")
     if tr:
         parts.append(f"\n### AR training ({tr['preset']}, {tr['resolution']}px, batch {tr['batch']}, "

@@ -107,7 +107,8 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_has_every_section_and_ratio(tiny_run):
     data, _ = tiny_run
     assert data["schema"] == "hart-bench/1"
-    for section in ("machine", "peak_matmul", "generation", "vs_diffusion", "vs_limit", "residual_head", "training"):
+    for section in ("machine", "peak_matmul", "generation", "vs_diffusion", "vs_limit", "residual_head",
+                    "decode_layout", "training"):
         assert section in data, section
     settings = data["settings"]
     assert settings["quick"] and settings["tiny"] and settings["repeats"] == 1
@@ -171,6 +172,14 @@ def test_tiny_run_has_every_section_and_ratio(tiny_run):
                 _positive(d[key], f"residual head {c['resolution']}px {n} steps {key}")
         assert c["steps"]["16"]["head_macs"] == 16 * c["steps"]["1"]["head_macs"]
 
+    layout = data["decode_layout"]
+    assert "skipped" in layout["full_size"]
+    assert {(c["resolution"], c["precision"]) for c in layout["default_model"]["cases"]} == {
+        (r, p) for r in (32, 64) for p in settings["precisions"]}
+    for c in layout["default_model"]["cases"]:
+        for key in ("contiguous_s", "channels_last_s", "speedup"):
+            _positive(c[key], f"decode layout {c['resolution']}px {c['precision']} {key}")
+
     train = data["training"]
     assert train["preset"] == "tiny" and train["resolution"] == 64
     for key in ("steps_per_s_full", "steps_per_s_drop", "speedup_drop_over_full"):
@@ -183,7 +192,8 @@ def test_markdown_tables_render(tiny_run, tmp_path):
     from bench.run import markdown
     text = markdown(data)
     for title in ("### Machine", "### Peak matmul", "### Generation", "### HART vs an equal-size DiT",
-                  "### AR pass vs measured peak", "### Residual diffusion head", "### AR training"):
+                  "### AR pass vs measured peak", "### Residual diffusion head", "### Decoder memory layout",
+                  "### AR training"):
         assert title in text
     assert text == stdout  # the run prints the same tables it would render from its JSON
     path = tmp_path / "b.json"
