@@ -760,19 +760,23 @@ def section_generation(settings: dict) -> dict:
     return out
 
 
-def section_vs_diffusion(settings: dict) -> dict:
+def _per_model(settings: dict, case: str, params_for: Callable[[str], dict]) -> dict:
+    """Run `case` for the default model and, unless skipped, the full-size configuration."""
     out = {}
     for which in ("default", "full"):
         key = "default_model" if which == "default" else "full_size"
         if which == "full" and not settings["full_size"]:
             out[key] = {"skipped": SKIPPED_FULL}
             continue
-        params = _case_params(settings, which, resolutions=_model_resolutions(settings, which), batch=1,
-                              dit_steps=settings["dit_steps"], dit_timed_steps=settings["dit_timed_steps"],
-                              dit_max_seconds=settings["dit_max_seconds"], precisions=settings["precisions"],
-                              cfg=settings["cfg"])
-        out[key] = run_case("vs_diffusion", params, settings)
+        out[key] = run_case(case, params_for(which), settings)
     return out
+
+
+def section_vs_diffusion(settings: dict) -> dict:
+    return _per_model(settings, "vs_diffusion", lambda which: _case_params(
+        settings, which, resolutions=_model_resolutions(settings, which), batch=1, dit_steps=settings["dit_steps"],
+        dit_timed_steps=settings["dit_timed_steps"], dit_max_seconds=settings["dit_max_seconds"],
+        precisions=settings["precisions"], cfg=settings["cfg"]))
 
 
 def section_residual_head(settings: dict) -> dict:
@@ -782,17 +786,9 @@ def section_residual_head(settings: dict) -> dict:
 
 
 def section_decode_layout(settings: dict) -> dict:
-    out = {}
-    for which in ("default", "full"):
-        key = "default_model" if which == "default" else "full_size"
-        if which == "full" and not settings["full_size"]:
-            out[key] = {"skipped": SKIPPED_FULL}
-            continue
-        params = _case_params(settings, which, resolutions=_model_resolutions(settings, which),
-                              batch=1 if which == "full" else max(settings["batch_sizes"]),
-                              precisions=settings["precisions"])
-        out[key] = run_case("decode_layout", params, settings)
-    return out
+    return _per_model(settings, "decode_layout", lambda which: _case_params(
+        settings, which, resolutions=_model_resolutions(settings, which),
+        batch=1 if which == "full" else max(settings["batch_sizes"]), precisions=settings["precisions"]))
 
 
 def section_training(settings: dict) -> dict:
