@@ -165,7 +165,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
         src = Path(cfg.init_from) / "model.safetensors"
         if cfg.init_partial:
             fresh = load_matching(tokenizer, read_weights(src))
-            print(f"initialised from {src}; left fresh (other shapes): {', '.join(fresh)}")
+            accelerator.print(f"initialised from {src}; left fresh (other shapes): {', '.join(fresh)}")
         else:
             load_into(tokenizer, read_weights(src), str(src))
     if cfg.decoder_only:  # HART's recipe on a trained tokenizer: only the decoder side learns
