@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hart.checkpoint import CheckpointError, read_weights, write_json, write_weights
+from hart.checkpoint import (CheckpointError, load_into, load_matching, read_weights, write_json,
+                             write_weights)
 
 # fields that may differ between a checkpoint's run and the run resuming it
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "checkpoint_minutes", "log_every", "eval_every", "resume",
@@ -327,6 +328,23 @@ def plot_curves(records: list[dict], keys: list[str], path: Path, size=(640, 360
     draw.text((2, size[1] - margin - 12), f"{y0:.3g}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+def warm_start(module: nn.Module, src: Path, partial: bool, accelerator) -> None:
+    """Load `src` into a fresh module: strictly, or (partial) only the tensors whose shapes match."""
+    if partial:
+        fresh = load_matching(module, read_weights(src))
+        accelerator.print(f"initialised from {src}; {len(fresh)} tensors of other shapes left fresh: "
+                          + ", ".join(fresh))
+    else:
+        load_into(module, read_weights(src), str(src))
+        accelerator.print(f"initialised from {src}")
+
+
+def clip_gradients(accelerator, model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip to max_norm (0 = no clip) and return the norm, logged either way: a clip that binds
+    on most steps just lowers the learning rate."""
+    return accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
 
 
 def unwrap(accelerator, model: nn.Module) -> nn.Module:

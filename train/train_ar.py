@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 import hashlib
 import json
-import math
 from pathlib import Path
 import sys
 import time
@@ -27,16 +26,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hart.checkpoint import (config_from_dict, load_into, load_matching, read_json, read_weights,
-                             write_json, write_weights)
+from hart.checkpoint import (config_from_dict, load_into, read_json, read_weights, write_json,
+                             write_weights)
 from hart.pipeline import HARTPipeline, write_pipeline
 from hart.presets import get_preset
 from hart.text_encoder import TextEncoder
 from hart.tokenizer import HybridTokenizer, TokenizerConfig
 from hart.transformer import HARTTransformer
 
-from .common import (EMA, Checkpointer, RunLog, batch_indices, cosine_lr, load_config, make_accelerator,
-                     plot_curves, record_process_checksums, step_generator, StopSignal, unwrap)
+from .common import (EMA, Checkpointer, RunLog, batch_indices, clip_gradients, cosine_lr, load_config,
+                     make_accelerator, plot_curves, record_process_checksums, step_generator, StopSignal, unwrap,
+                     warm_start)
 from .data import load_dataset
 from .metrics import save_grid
 
@@ -291,13 +291,7 @@ def train(cfg: ARTrainConfig) -> dict:
     transformer = HARTTransformer(tf_cfg)
     if cfg.init_from:
         src = Path(cfg.init_from) / "transformer" / "model.safetensors"
-        if cfg.init_partial:
-            fresh = load_matching(transformer, read_weights(src))
-            accelerator.print(f"initialised from {src}; {len(fresh)} tensors of other shapes left fresh: "
-                              + ", ".join(fresh))
-        else:
-            load_into(transformer, read_weights(src), str(src))
-            accelerator.print(f"initialised from {src}")
+        warm_start(transformer, src, cfg.init_partial, accelerator)
     for block in transformer.blocks:
         block.attn.use_sdpa = cfg.attn_impl == "sdpa"
     ema = EMA(transformer, cfg.ema_decay)
@@ -355,9 +349,7 @@ def train(cfg: ARTrainConfig) -> dict:
                                             None if keep is None else keep.to(device), gen)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
-            # the norm is logged either way: a clip that binds on most steps just lowers the lr
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+            grad_norm = clip_gradients(accelerator, model, cfg.grad_clip)
             optimizer.step()
             ema.update(unwrap(accelerator, model).transformer, step)
             if log and (step + 1) % cfg.log_every == 0:

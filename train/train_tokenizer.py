@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 import json
-import math
 from pathlib import Path
 import sys
 import time
@@ -20,13 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hart.checkpoint import (config_from_dict, load_into, load_matching, read_json, read_weights, write_json,
-                             write_weights)
+from hart.checkpoint import config_from_dict, read_json, write_json, write_weights
 from hart.presets import get_preset
 from hart.tokenizer import HybridTokenizer, TokenizerConfig
 
-from .common import (Checkpointer, RunLog, batch_indices, cosine_lr, load_config, make_accelerator,
-                     plot_curves, record_process_checksums, step_generator, StopSignal, unwrap)
+from .common import (Checkpointer, RunLog, batch_indices, clip_gradients, cosine_lr, load_config,
+                     make_accelerator, plot_curves, record_process_checksums, step_generator, StopSignal, unwrap,
+                     warm_start)
 from .data import load_dataset
 from .metrics import psnr, save_grid, ssim
 
@@ -163,11 +162,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     tokenizer = HybridTokenizer(tok_cfg)
     if cfg.init_from:
         src = Path(cfg.init_from) / "model.safetensors"
-        if cfg.init_partial:
-            fresh = load_matching(tokenizer, read_weights(src))
-            accelerator.print(f"initialised from {src}; left fresh (other shapes): {', '.join(fresh)}")
-        else:
-            load_into(tokenizer, read_weights(src), str(src))
+        warm_start(tokenizer, src, cfg.init_partial, accelerator)
     if cfg.decoder_only:  # HART's recipe on a trained tokenizer: only the decoder side learns
         for name, p in tokenizer.named_parameters():
             p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
@@ -227,9 +222,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
                     loss = loss + cfg.disc_weight * gan + d_loss
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
-            # the norm is logged either way: a clip that binds on most steps just lowers the lr
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+            grad_norm = clip_gradients(accelerator, model, cfg.grad_clip)
             optimizer.step()
             for level in indices:
                 usage += torch.bincount(level.flatten().cpu(), minlength=tok_cfg.vocab_size)
