@@ -1,10 +1,12 @@
 """Core library: tokenizer, transformer, diffusion head, sampler and pipeline on the tiny preset."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from hart import HARTPipeline
+from hart.checkpoint import read_weights
 from hart.diffusion import RESIDUAL_SCALE, ResidualDiffusionHead, respaced_timesteps
 from hart.sampler import SamplingOptions, guidance_ramp, sample
 from hart.tokenizer import phi_index
@@ -339,3 +341,27 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16(pipe, monkeypatch):
         pipe.autocast_dtype = None
     assert torch.bfloat16 in {t.dtype for t in seen}
     assert result.images[0].size == (32, 32)
+
+
+def test_bf16_weights_held_once_match_plain_autocast_and_restore_fp32(pipe, tmp_path):
+    """Holding the matmul weights in bf16 gives exactly what autocast's per-call casts give,
+    and setting fp32 back restores the original weights bit for bit."""
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    fp32 = pipe("red apple", seed=3, resolution=32, num_images=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights, cast on every call
+        plain = pipe("red apple", seed=3, resolution=32, num_images=2)
+    pipe.autocast_dtype = torch.bfloat16
+    try:
+        assert pipe.transformer.head.weight.dtype == torch.bfloat16
+        held = pipe("red apple", seed=3, resolution=32, num_images=2)
+        pipe.save_pretrained(tmp_path / "saved")  # writes the fp32 masters, keeps bf16 held
+        assert pipe.transformer.head.weight.dtype == torch.bfloat16
+    finally:
+        pipe.autocast_dtype = None
+    assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
+    saved = read_weights(tmp_path / "saved" / "transformer" / "model.safetensors")
+    assert saved["head.weight"].dtype == torch.float32
+    for a, b in zip(plain.images + plain.discrete_images, held.images + held.discrete_images):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    again = pipe("red apple", seed=3, resolution=32, num_images=2)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(fp32.images, again.images))

@@ -62,6 +62,25 @@ def test_tokenizer_training_lowers_loss(tiny_tokenizer):
     assert (tiny_tokenizer / "samples" / "final.png").is_file() and (tiny_tokenizer / "loss.png").is_file()
 
 
+def test_tokenizer_architecture_overrides_are_trained_and_recorded(shapes_data, tiny_tokenizer, tmp_path):
+    """A wider latent warm-started from a trained tokenizer: the saved config has the new shape,
+    the run's config.json records the override, and the codebook shape follows it."""
+    preset_z = get_preset("tiny").tokenizer.z_channels
+    cfg = TokenizerTrainConfig(model_preset="tiny", data=str(shapes_data), out=str(tmp_path / "wide"), resolution=32,
+                               batch_size=4, steps=2, warmup=1, log_every=1, eval_every=2, checkpoint_every=2,
+                               val_fraction=0.25, mixed_precision="no", z_channels=2 * preset_z,
+                               init_from=str(tiny_tokenizer / "tokenizer"), init_partial=True)
+    train_tokenizer(cfg)
+    saved = json.loads((tmp_path / "wide" / "tokenizer" / "config.json").read_text())
+    assert saved["z_channels"] == 2 * preset_z
+    assert json.loads((tmp_path / "wide" / "config.json").read_text())["z_channels"] == 2 * preset_z
+    weights = read_weights(tmp_path / "wide" / "tokenizer" / "model.safetensors")
+    assert weights["quantize.embedding.weight"].shape[1] == 2 * preset_z
+    with pytest.raises(ValueError, match="--init-partial true"):
+        cfg.init_partial, cfg.out = False, str(tmp_path / "refused")
+        train_tokenizer(cfg)
+
+
 def ar_config(data, tok, out, **kw):
     base = dict(model_preset="tiny", data=str(data), tokenizer=str(tok / "tokenizer"), out=str(out), resolution=32,
                 batch_size=4, steps=40, warmup=5, lr=3e-3, log_every=5, eval_every=1000, checkpoint_every=40,

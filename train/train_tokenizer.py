@@ -35,6 +35,12 @@ class TokenizerTrainConfig:
     data: str = "data/emoji"
     out: str = "runs/tokenizer"
     model_preset: str = "emoji"        # hart preset whose tokenizer architecture is trained
+    # architecture overrides of the preset's tokenizer (0 / empty = the preset's), kept in config.json
+    vocab_size: int = 0
+    z_channels: int = 0
+    ch: int = 0
+    ch_mult: tuple = ()
+    num_res_blocks: int = 0
     resolution: int = 64
     scales: tuple = ()                 # scale schedule; empty = the preset's for this resolution
     batch_size: int = 32
@@ -102,6 +108,18 @@ def schedule_for(cfg: TokenizerTrainConfig) -> tuple[int, ...]:
     return preset.resolutions[cfg.resolution]
 
 
+ARCHITECTURE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks")
+
+
+def architecture(cfg: TokenizerTrainConfig) -> TokenizerConfig:
+    """The preset's tokenizer config with this run's overrides applied."""
+    tok_cfg = get_preset(cfg.model_preset).tokenizer
+    for name in ARCHITECTURE_FIELDS:
+        if getattr(cfg, name):
+            setattr(tok_cfg, name, tuple(cfg.ch_mult) if name == "ch_mult" else getattr(cfg, name))
+    return tok_cfg
+
+
 @torch.no_grad()
 def restart_dead_codes(tokenizer: HybridTokenizer, usage: torch.Tensor, latents: torch.Tensor,
                        generator: torch.Generator) -> int:
@@ -143,10 +161,14 @@ def evaluate(tokenizer: HybridTokenizer, dataset, scales, batch_size: int = 64, 
 def train(cfg: TokenizerTrainConfig) -> dict:
     out = Path(cfg.out)
     scales = schedule_for(cfg)
+    overrides = [n for n in ARCHITECTURE_FIELDS if getattr(cfg, n)]
+    if cfg.init_from and not cfg.init_partial and overrides:
+        raise ValueError(f"--init-from {cfg.init_from} keeps its own architecture; to change "
+                         f"{', '.join(overrides)} warm start with --init-partial true")
     if cfg.init_from and not cfg.init_partial:
         tok_cfg = config_from_dict(TokenizerConfig, read_json(Path(cfg.init_from) / "config.json"), cfg.init_from)
     else:
-        tok_cfg = get_preset(cfg.model_preset).tokenizer
+        tok_cfg = architecture(cfg)
     tok_cfg.continuous_prob, tok_cfg.beta = cfg.continuous_prob, cfg.beta
     if cfg.resolution % tok_cfg.downsample:
         raise ValueError(f"resolution {cfg.resolution} is not divisible by the tokenizer's downsampling "
