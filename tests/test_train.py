@@ -266,6 +266,18 @@ def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):
     assert report["sampling_defaults"]["residual_temperature"] == temp
 
 
+def test_evaluate_a_bare_tokenizer_at_every_resolution(shapes_data, tiny_tokenizer, tmp_path):
+    from train.evaluate import main
+    out = tmp_path / "tok.json"
+    assert main(["--tokenizer", str(tiny_tokenizer / "tokenizer"), "--data", str(shapes_data), "--preset", "tiny",
+                 "--val-fraction", "0.25", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())["resolutions"]
+    assert sorted(report, key=int) == [str(r) for r in sorted(get_preset("tiny").resolutions)]
+    trained = json.loads((tiny_tokenizer / "eval.json").read_text())  # same split, same schedule at 32 px
+    assert report["32"]["psnr_hybrid"] == pytest.approx(trained["psnr_hybrid"], abs=1e-3)
+    assert report["32"]["psnr_discrete"] == pytest.approx(trained["psnr_discrete"], abs=1e-3)
+
+
 def test_perceptual_loss_from_a_local_file(tmp_path):
     from hart.checkpoint import write_weights
     from train.perceptual import VGG16, PerceptualLoss

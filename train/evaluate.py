@@ -3,6 +3,7 @@ images for exact captions and for paraphrases in wording never used in training,
 residual head adds, latency, and a cfg / top-k sweep that can choose the model's defaults.
 
     python -m train.evaluate --model assets/hart-emoji --data data/emoji --out eval.json [--choose-defaults]
+    python -m train.evaluate --tokenizer runs/tok64/tokenizer --out tok-eval.json   # tokenizer only, 64 + 128 px
 
 Retrieval: every generated image is compared (pixel L2 at 32x32) with every dataset image; top-1
 is a hit when the nearest one is the prompt's own emoji.
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from hart.pipeline import HARTPipeline
+from hart.presets import get_preset
 from .data import HELD_OUT_TEMPLATES, load_dataset
 from .metrics import psnr
 from .train_tokenizer import evaluate as evaluate_tokenizer
@@ -220,9 +222,27 @@ def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2
     return report
 
 
+def evaluate_tokenizer_folder(folder: str, data: str, preset: str = "emoji", seed: int = 0,
+                              val_fraction: float = 0.05) -> dict:
+    """Held-out reconstruction of a bare tokenizer folder at every resolution of a preset's
+    schedules (the numbers `evaluate` reports for a whole model, without generating)."""
+    from .train_ar import load_tokenizer
+    tokenizer = load_tokenizer(folder)
+    report = {"tokenizer": folder, "resolutions": {}}
+    for res, scales in sorted(get_preset(preset).resolutions.items()):
+        val = load_dataset(data, res, "val", val_fraction, seed)
+        report["resolutions"][str(res)], _ = evaluate_tokenizer(tokenizer, val, scales)
+        print(res, report["resolutions"][str(res)], flush=True)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a pipeline folder: the full report")
+    which.add_argument("--tokenizer", help="a tokenizer folder: held-out reconstruction only")
+    parser.add_argument("--preset", default="emoji", help="with --tokenizer: whose scale schedules to use")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="held-out split (as in training)")
     parser.add_argument("--data", default="data/emoji")
     parser.add_argument("--out", default="eval.json")
     parser.add_argument("--count", type=int, default=300, help="prompts per set (exact, paraphrase)")
@@ -234,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--choose-defaults", action="store_true",
                         help="write the sweep's best cfg / top-k / residual temperature into the model's model_index.json first")
     args = parser.parse_args(argv)
+    if args.tokenizer:
+        report = evaluate_tokenizer_folder(args.tokenizer, args.data, args.preset, val_fraction=args.val_fraction)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return 0
     report = evaluate(args.model, args.data, args.count, tuple(float(v) for v in args.sweep.split(",")),
                       tuple(int(v) for v in args.sweep_top_k.split(",")),
                       tuple(float(v) for v in args.sweep_residual_temperature.split(",")), args.sweep_count,
