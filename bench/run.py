@@ -282,9 +282,14 @@ def load_pipeline(which: str, tiny: bool, full_preset: str = "hart-0.7b"):
     return pipe, info
 
 
-def set_precision(pipe, precision: str) -> None:
-    """fp32, or bf16 autocast (weights stay fp32, matmuls run in bf16)."""
-    pipe.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+def set_precision(pipe, precision: str, *others: torch.nn.Module, masters: dict | None = None) -> None:
+    """fp32, or bf16 autocast with the matmul weights held in bf16 (the pipeline's own way;
+    `others`, e.g. the DiT baseline, get the same treatment, their fp32 copies kept in `masters`)."""
+    from hart.pipeline import hold_matmul_weights
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    pipe.autocast_dtype = dtype
+    if others:
+        hold_matmul_weights(others, dtype, masters)
 
 
 def hart_runner(pipe, resolution: int, batch: int, **options) -> Callable[[], dict]:
@@ -396,8 +401,9 @@ def case_vs_diffusion(p: dict) -> dict:
                     "decode": end - t_dec, "total": end - start}
         return run
 
+    dit_masters = {}
     for precision in p.get("precisions", ["fp32"]):
-        set_precision(pipe, precision)
+        set_precision(pipe, precision, dit, masters=dit_masters)
         for res in p["resolutions"]:
             side = pipe.schedules[res][-1]
             label = f"vs_diffusion {p['model']} {res}px {precision}"
