@@ -30,6 +30,7 @@ class TokenizerConfig:
     share_quant_resi: int = 4       # number of shared phi convs
     beta: float = 0.25              # commitment weight (training)
     continuous_prob: float = 0.5    # training: probability of the continuous (hybrid) path
+    decoder_ch: int = 0             # decoder base width; 0 = ch (the official layout)
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)
@@ -132,14 +133,14 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        g, mult = cfg.norm_groups, cfg.ch_mult
-        block_in = cfg.ch * mult[-1]
+        g, mult, ch = cfg.norm_groups, cfg.ch_mult, cfg.decoder_ch or cfg.ch
+        block_in = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
         self.mid = _mid(block_in, cfg)
         ups = []
         for level in reversed(range(len(mult))):
             stage = nn.Module()
-            block_out = cfg.ch * mult[level]
+            block_out = ch * mult[level]
             stage.block = nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
                 stage.block.append(ResnetBlock(block_in, block_out, g, cfg.dropout))

@@ -81,6 +81,24 @@ def test_tokenizer_architecture_overrides_are_trained_and_recorded(shapes_data, 
         train_tokenizer(cfg)
 
 
+
+def test_a_wider_decoder_trains_on_a_frozen_encoder(shapes_data, tiny_tokenizer, tmp_path):
+    """--decoder-ch with --decoder-only: the codes stay those of the source tokenizer (so an AR
+    model trained on them stays valid) while the decoder is rebuilt wider."""
+    source = tiny_tokenizer / "tokenizer"
+    ch = get_preset("tiny").tokenizer.ch
+    train_tokenizer(TokenizerTrainConfig(
+        model_preset="tiny", data=str(shapes_data), out=str(tmp_path / "dec"), resolution=32, batch_size=4, steps=3,
+        warmup=1, log_every=1, eval_every=3, checkpoint_every=3, val_fraction=0.25, mixed_precision="no",
+        decoder_ch=2 * ch, decoder_only=True, init_from=str(source), init_partial=True))
+    assert json.loads((tmp_path / "dec" / "tokenizer" / "config.json").read_text())["decoder_ch"] == 2 * ch
+    before, after = read_weights(source / "model.safetensors"), read_weights(tmp_path / "dec" / "tokenizer" / "model.safetensors")
+    frozen = [k for k in before if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert after["decoder.conv_out.weight"].shape[1] == 2 * before["decoder.conv_out.weight"].shape[1]
+    assert after["encoder.conv_in.weight"].shape == before["encoder.conv_in.weight"].shape
+
+
 def ar_config(data, tok, out, **kw):
     base = dict(model_preset="tiny", data=str(data), tokenizer=str(tok / "tokenizer"), out=str(out), resolution=32,
                 batch_size=4, steps=40, warmup=5, lr=3e-3, log_every=5, eval_every=1000, checkpoint_every=40,
@@ -336,3 +354,19 @@ def test_package_swaps_a_finetuned_decoder_but_refuses_a_changed_encoder(tmp_pat
         (tmp_path / "ar" / "tokenizer" / "model.safetensors").stat().st_size  # fp16
     with pytest.raises(CheckpointError, match="changes how images become tokens"):
         package(["--model", str(tmp_path / "ar"), "--tokenizer", str(tmp_path / "enc"), "--out", str(tmp_path / "x")])
+    # a wider decoder on the same token side is accepted; any other config change is not
+    from dataclasses import replace
+    wide_cfg = replace(pipe.tokenizer.config, decoder_ch=2 * pipe.tokenizer.config.ch)
+    wide = HybridTokenizer(wide_cfg)
+    wide.load_state_dict({**wide.state_dict(), **{k: v for k, v in pipe.tokenizer.state_dict().items()
+                                                   if not k.startswith(("decoder.", "post_quant_conv."))}})
+    for name, cfg in (("wide", wide_cfg), ("vocab", replace(wide_cfg, vocab_size=wide_cfg.vocab_size + 1))):
+        write_json(asdict(cfg), tmp_path / name / "config.json")
+        write_weights(wide.state_dict(), tmp_path / name / "model.safetensors")
+    assert package(["--model", str(tmp_path / "ar"), "--tokenizer", str(tmp_path / "wide"),
+                    "--out", str(tmp_path / "out-wide")]) == 0
+    shipped = HARTPipeline.from_pretrained(tmp_path / "out-wide")
+    assert shipped.tokenizer.config.decoder_ch == 2 * pipe.tokenizer.config.ch
+    assert shipped("red square", seed=0, resolution=32).images[0].size == (32, 32)
+    with pytest.raises(CheckpointError, match="config differs"):
+        package(["--model", str(tmp_path / "ar"), "--tokenizer", str(tmp_path / "vocab"), "--out", str(tmp_path / "y")])

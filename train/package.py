@@ -11,6 +11,7 @@ tokens and residual targets mean exactly what they meant in training.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 import sys
 
@@ -18,7 +19,7 @@ import torch
 
 from hart.checkpoint import CheckpointError, config_from_dict, load_into, read_json, read_weights
 from hart.pipeline import HARTPipeline
-from hart.tokenizer import TokenizerConfig
+from hart.tokenizer import HybridTokenizer, TokenizerConfig
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -33,9 +34,9 @@ def swap_decoder(pipe: HARTPipeline, tokenizer_dir: str | Path) -> list[str]:
     Returns the keys that changed (the decoder's)."""
     tokenizer_dir = Path(tokenizer_dir)
     cfg = config_from_dict(TokenizerConfig, read_json(tokenizer_dir / "config.json"), str(tokenizer_dir))
-    if cfg != pipe.tokenizer.config:
-        raise CheckpointError(f"{tokenizer_dir}: tokenizer config differs from the model's ({cfg} vs "
-                              f"{pipe.tokenizer.config})")
+    current = pipe.tokenizer.config
+    if replace(cfg, decoder_ch=current.decoder_ch) != current:  # only the decoder's width may change
+        raise CheckpointError(f"{tokenizer_dir}: tokenizer config differs from the model's ({cfg} vs {current})")
     new = read_weights(tokenizer_dir / "model.safetensors")
     old = pipe.tokenizer.state_dict()
     differing = [k for k in token_side_keys(old) if k not in new or not torch.equal(new[k].to(old[k].dtype), old[k])]
@@ -43,7 +44,10 @@ def swap_decoder(pipe: HARTPipeline, tokenizer_dir: str | Path) -> list[str]:
         raise CheckpointError(f"{tokenizer_dir} changes how images become tokens ({len(differing)} tensors, e.g. "
                               f"{differing[:3]}): the AR model would no longer match it. Finetune with "
                               "--decoder-only true, or retrain the AR model on this tokenizer")
-    changed = [k for k in old if not torch.equal(new[k].to(old[k].dtype), old[k])]
+    changed = [k for k in new if k not in old or old[k].shape != new[k].shape
+               or not torch.equal(new[k].to(old[k].dtype), old[k])]
+    if cfg != current:  # a wider decoder: a new module, then the weights
+        pipe.tokenizer = HybridTokenizer(cfg).eval()
     load_into(pipe.tokenizer, new, str(tokenizer_dir / "model.safetensors"))
     return changed
 

@@ -41,6 +41,7 @@ class TokenizerTrainConfig:
     ch: int = 0
     ch_mult: tuple = ()
     num_res_blocks: int = 0
+    decoder_ch: int = 0
     resolution: int = 64
     scales: tuple = ()                 # scale schedule; empty = the preset's for this resolution
     batch_size: int = 32
@@ -108,7 +109,7 @@ def schedule_for(cfg: TokenizerTrainConfig) -> tuple[int, ...]:
     return preset.resolutions[cfg.resolution]
 
 
-ARCHITECTURE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks")
+ARCHITECTURE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "decoder_ch")
 
 
 def architecture(cfg: TokenizerTrainConfig) -> TokenizerConfig:
