@@ -195,14 +195,11 @@ class HARTPipeline:
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         held, self.autocast_dtype = self.autocast_dtype, None  # write the fp32 masters
         try:
-            self._write(path, dtype)
+            write_pipeline(path, self.tokenizer, self.transformer, self.text_encoder.config_dict(),
+                           self.schedules, asdict(self.sampling_defaults), self.name, dtype,
+                           self.text_encoder.extra_weights())
         finally:
             self.autocast_dtype = held
-
-    def _write(self, path: str | Path, dtype: torch.dtype | None) -> None:
-        write_pipeline(path, self.tokenizer, self.transformer, self.text_encoder.config_dict(),
-                       self.schedules, asdict(self.sampling_defaults), self.name, dtype,
-                       self.text_encoder.extra_weights())
 
     def to(self, device) -> "HARTPipeline":
         held, self.autocast_dtype = self.autocast_dtype, None  # move the fp32 masters, then re-derive
