@@ -342,8 +342,8 @@ def warm_start(module: nn.Module, src: Path, partial: bool, accelerator) -> None
 
 
 def clip_gradients(accelerator, model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip to max_norm (0 = no clip) and return the norm, logged either way: a clip that binds
-    on most steps just lowers the learning rate."""
+    """Clip to max_norm (0 = no clip) and return the norm, so it is logged either way and a clip
+    that binds on most steps shows."""
     return accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
 
 

@@ -26,6 +26,7 @@ from hart.pipeline import HARTPipeline
 from hart.presets import get_preset
 from .data import HELD_OUT_TEMPLATES, load_dataset
 from .metrics import psnr
+from .train_ar import load_tokenizer
 from .train_tokenizer import evaluate as evaluate_tokenizer
 
 
@@ -226,7 +227,6 @@ def evaluate_tokenizer_folder(folder: str, data: str, preset: str = "emoji", see
                               val_fraction: float = 0.05) -> dict:
     """Held-out reconstruction of a bare tokenizer folder at every resolution of a preset's
     schedules (the numbers `evaluate` reports for a whole model, without generating)."""
-    from .train_ar import load_tokenizer
     tokenizer = load_tokenizer(folder)
     report = {"tokenizer": folder, "resolutions": {}}
     for res, scales in sorted(get_preset(preset).resolutions.items()):

@@ -8,7 +8,7 @@ perceptual loss from a local weights file.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 import json
 from pathlib import Path
 import sys
@@ -112,13 +112,9 @@ def schedule_for(cfg: TokenizerTrainConfig) -> tuple[int, ...]:
 ARCHITECTURE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "decoder_ch")
 
 
-def architecture(cfg: TokenizerTrainConfig) -> TokenizerConfig:
-    """The preset's tokenizer config with this run's overrides applied."""
-    tok_cfg = get_preset(cfg.model_preset).tokenizer
-    for name in ARCHITECTURE_FIELDS:
-        if getattr(cfg, name):
-            setattr(tok_cfg, name, tuple(cfg.ch_mult) if name == "ch_mult" else getattr(cfg, name))
-    return tok_cfg
+def architecture_overrides(cfg: TokenizerTrainConfig) -> dict:
+    """The architecture fields this run sets (the rest come from the preset)."""
+    return {name: getattr(cfg, name) for name in ARCHITECTURE_FIELDS if getattr(cfg, name)}
 
 
 @torch.no_grad()
@@ -162,14 +158,14 @@ def evaluate(tokenizer: HybridTokenizer, dataset, scales, batch_size: int = 64, 
 def train(cfg: TokenizerTrainConfig) -> dict:
     out = Path(cfg.out)
     scales = schedule_for(cfg)
-    overrides = [n for n in ARCHITECTURE_FIELDS if getattr(cfg, n)]
+    overrides = architecture_overrides(cfg)
     if cfg.init_from and not cfg.init_partial and overrides:
         raise ValueError(f"--init-from {cfg.init_from} keeps its own architecture; to change "
                          f"{', '.join(overrides)} warm start with --init-partial true")
     if cfg.init_from and not cfg.init_partial:
         tok_cfg = config_from_dict(TokenizerConfig, read_json(Path(cfg.init_from) / "config.json"), cfg.init_from)
-    else:
-        tok_cfg = architecture(cfg)
+    else:  # replace() reruns __post_init__, which makes ch_mult a tuple
+        tok_cfg = replace(get_preset(cfg.model_preset).tokenizer, **overrides)
     tok_cfg.continuous_prob, tok_cfg.beta = cfg.continuous_prob, cfg.beta
     if cfg.resolution % tok_cfg.downsample:
         raise ValueError(f"resolution {cfg.resolution} is not divisible by the tokenizer's downsampling "
