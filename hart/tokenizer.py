@@ -7,6 +7,7 @@ after stripping the prefix.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -314,6 +315,14 @@ class MultiScaleQuantizer(nn.Module):
 
 # --------------------------------------------------------------------------- tokenizer
 
+class TrainingOutput(NamedTuple):
+    recon: torch.Tensor          # decoded image [B, 3, H, W]
+    vq_loss: torch.Tensor
+    indices: list                # per-scale code indices
+    continuous: bool             # which path ran
+    latent: torch.Tensor         # the encoder's continuous latent f [B, Cvae, P, P]
+
+
 class HybridTokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -355,8 +364,8 @@ class HybridTokenizer(nn.Module):
         return self.decoder(h).clamp(-1, 1)
 
     def forward(self, images: torch.Tensor, scale_sizes, continuous: bool | None = None,
-                generator: torch.Generator | None = None):
-        """Training forward: (reconstruction, vq loss, indices, whether the continuous path ran).
+                generator: torch.Generator | None = None) -> TrainingOutput:
+        """Training forward: reconstruction, vq loss, indices, which path ran, and the latent.
 
         With `continuous=None` the path is drawn: continuous with probability
         `config.continuous_prob`, otherwise discrete-only (HART's alternating objective)."""
@@ -366,4 +375,4 @@ class HybridTokenizer(nn.Module):
         f = self.encode_latent(images)
         fhat, vq_loss, indices = self.quantize(f, scale_sizes, continuous)
         recon = self.decoder(self.post_quant_conv(fhat))
-        return recon, vq_loss, indices, continuous
+        return TrainingOutput(recon, vq_loss, indices, continuous, f)

@@ -49,8 +49,8 @@ def test_tokenizer_training_forward_alternates_paths(pipe):
     tok = pipe.tokenizer.train()
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     sizes = pipe.schedules[32]
-    recon_c, vq_c, _, cont = tok(images, sizes, continuous=True)
-    recon_d, vq_d, _, disc = tok(images, sizes, continuous=False)
+    recon_c, vq_c, _, cont, _ = tok(images, sizes, continuous=True)
+    recon_d, vq_d, _, disc, _ = tok(images, sizes, continuous=False)
     assert cont and not disc
     assert recon_c.shape == images.shape and vq_c.ndim == 0
     with torch.no_grad():  # the continuous path decodes f itself
@@ -59,7 +59,7 @@ def test_tokenizer_training_forward_alternates_paths(pipe):
     assert not torch.allclose(recon_c, recon_d)
     (recon_d.square().mean() + vq_d).backward()  # straight-through reaches the encoder
     assert tok.encoder.conv_in.weight.grad is not None and tok.encoder.conv_in.weight.grad.abs().sum() > 0
-    paths = {tok(images, sizes, generator=torch.Generator().manual_seed(s))[3] for s in range(12)}
+    paths = {tok(images, sizes, generator=torch.Generator().manual_seed(s)).continuous for s in range(12)}
     assert paths == {True, False}
     tok.zero_grad(set_to_none=True)
     tok.eval()
@@ -69,7 +69,7 @@ def test_tokenizer_trains_under_bf16_autocast_with_fp32_code_search(pipe):
     tok = pipe.tokenizer.train()
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        recon, vq_loss, indices, _ = tok(images, pipe.schedules[32], continuous=False)
+        recon, vq_loss, indices, _, _ = tok(images, pipe.schedules[32], continuous=False)
         latent = tok.encode_latent(images)
         assert latent.dtype == torch.bfloat16
         picked = tok.quantize.nearest_codes(latent.flatten(2).transpose(1, 2).flatten(0, 1))

@@ -62,6 +62,34 @@ def test_tokenizer_training_lowers_loss(tiny_tokenizer):
     assert (tiny_tokenizer / "samples" / "final.png").is_file() and (tiny_tokenizer / "loss.png").is_file()
 
 
+def test_tokenizer_trains_two_resolutions_toward_one_token_language(shapes_data, tmp_path):
+    """Mixed-resolution steps alternate 32 and 64 px (own batch sizes); the consistency term runs
+    on 64 px steps only and falls; eval.json reports both resolutions and their token agreement."""
+    out = tmp_path / "mixed"
+    train_tokenizer(TokenizerTrainConfig(model_preset="tiny", data=str(shapes_data), out=str(out),
+                                         resolutions=(32, 64), batch_sizes=(4, 2), consistency_weight=2.0,
+                                         share_quant_resi=1, steps=40, warmup=5, lr=2e-3, log_every=1,
+                                         eval_every=40, checkpoint_every=40, val_fraction=0.25,
+                                         mixed_precision="no"))
+    records = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "resolution" in r]
+    assert [r["resolution"] for r in records[:4]] == [32, 64, 32, 64]
+    assert all(r["consistency"] == 0 for r in records if r["resolution"] == 32)
+    consistency = [r["consistency"] for r in records if r["resolution"] == 64]
+    assert min(consistency) > 0 and sum(consistency[-5:]) < 0.5 * sum(consistency[:5])
+    result = json.loads((out / "eval.json").read_text())
+    assert result["res64_psnr_hybrid"] > 10 and result["psnr_hybrid"] > 10
+    assert set(result["agreement64"]) == {"1", "2"}  # the leading scales both schedules share
+    assert all(0 <= v <= 1 for v in result["agreement64"].values())
+    assert (out / "samples" / "final_64.png").is_file()
+    assert json.loads((out / "tokenizer" / "config.json").read_text())["share_quant_resi"] == 1
+    with pytest.raises(ValueError, match="one entry per resolution"):
+        train_tokenizer(TokenizerTrainConfig(model_preset="tiny", data=str(shapes_data), resolutions=(32, 64),
+                                             batch_sizes=(4,), out=str(tmp_path / "bad")))
+    with pytest.raises(ValueError, match="at least two"):
+        train_tokenizer(TokenizerTrainConfig(model_preset="tiny", data=str(shapes_data), resolution=32,
+                                             consistency_weight=1.0, out=str(tmp_path / "bad")))
+
+
 def test_tokenizer_architecture_overrides_are_trained_and_recorded(shapes_data, tiny_tokenizer, tmp_path):
     """A wider latent warm-started from a trained tokenizer: the saved config has the new shape,
     the run's config.json records the override, and the codebook shape follows it."""
@@ -248,6 +276,19 @@ def test_stage_two_replays_the_stage_one_resolution(shapes_data, tiny_tokenizer,
     pipe = HARTPipeline.from_pretrained(tmp_path / "s2" / "model")
     assert pipe.resolutions == [32, 64]
     assert pipe("red square", resolution=32, seed=0).images[0].size == (32, 32)
+
+
+def test_head_only_training_changes_only_the_residual_head(shapes_data, tiny_tokenizer, tmp_path):
+    train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=6, checkpoint_every=6))
+    source = tmp_path / "ar" / "model"
+    train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "head", steps=6, checkpoint_every=6,
+                       init_from=str(source), head_only=True, lr=1e-2))
+    before = read_weights(source / "transformer" / "model.safetensors")
+    after = read_weights(tmp_path / "head" / "model" / "transformer" / "model_raw.safetensors")
+    changed = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
+    assert changed and all(k.startswith("diffloss.") for k in changed)
+    with pytest.raises(ValueError, match="--init-from"):
+        train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "bad", head_only=True))
 
 
 def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):

@@ -51,6 +51,7 @@ class ARTrainConfig:
     scales: tuple = ()                 # empty: the preset's schedule for this resolution
     init_from: str = ""                # pipeline folder whose transformer weights start this run (stage 2)
     init_partial: bool = False         # warm start: load only the tensors whose shapes match (new tokenizer)
+    head_only: bool = False            # train only the residual diffusion head; the AR transformer stays frozen
     split: str = "all"                 # data split trained on (all | train)
     caption_variation: bool = True
     batch_size: int = 32
@@ -295,8 +296,15 @@ def train(cfg: ARTrainConfig) -> dict:
     for block in transformer.blocks:
         block.attn.use_sdpa = cfg.attn_impl == "sdpa"
     ema = EMA(transformer, cfg.ema_decay)
+    if cfg.head_only:
+        if not cfg.init_from:
+            raise ValueError("--head-only trains the residual head of a trained model: pass --init-from")
+        for name, p in transformer.named_parameters():
+            p.requires_grad_(name.startswith("diffloss."))
     decay, no_decay = [], []
     for name, p in transformer.named_parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if p.ndim < 2 or "bias" in name or "norm" in name else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))

@@ -1,9 +1,13 @@
 """Train the hybrid tokenizer: one decoder, alternately fed the discrete-only latent and the
 full continuous latent (p = 0.5), with L1 + L2 reconstruction, VQ + commitment losses,
 dead-code restarts, an optional PatchGAN discriminator after a warm-up, and an optional VGG
-perceptual loss from a local weights file.
+perceptual loss from a local weights file. With several `--resolutions` the steps cycle through
+them (each with its own batch size), and `--consistency-weight` pulls each higher resolution's
+latent, average-pooled to the lowest resolution's grid, toward the lowest resolution's latent of
+the same image, so that both resolutions give the same coarse tokens.
 
     python -m train.train_tokenizer --preset emoji-64 --out runs/tok64
+    python -m train.train_tokenizer --preset emoji-mixed --init-from runs/tok32-c1/tokenizer --out runs/tokmix
     accelerate launch --num_processes 2 -m train.train_tokenizer --preset emoji-64 ...
 """
 from __future__ import annotations
@@ -42,9 +46,13 @@ class TokenizerTrainConfig:
     ch_mult: tuple = ()
     num_res_blocks: int = 0
     decoder_ch: int = 0
+    share_quant_resi: int = 0          # number of shared phi convs (1 = the same phi at every scale)
     resolution: int = 64
-    scales: tuple = ()                 # scale schedule; empty = the preset's for this resolution
+    resolutions: tuple = ()            # several: steps cycle through them; empty = (resolution,)
+    scales: tuple = ()                 # scale schedule (one resolution only); empty = the preset's
     batch_size: int = 32
+    batch_sizes: tuple = ()            # per entry of resolutions; empty = batch_size for each
+    consistency_weight: float = 0.0    # relative MSE between pooled higher-resolution latents and the lowest's
     lr: float = 4e-4
     weight_decay: float = 0.0
     warmup: int = 100
@@ -80,6 +88,9 @@ PRESETS = {
     "emoji-64": TokenizerTrainConfig(steps=1000, warmup=50, dead_code_every=100, eval_every=500,
                                      checkpoint_every=200, checkpoint_minutes=5.0),
     "emoji-128": TokenizerTrainConfig(resolution=128, batch_size=16, steps=1500),
+    "emoji-mixed": TokenizerTrainConfig(resolutions=(64, 128), batch_sizes=(32, 16), steps=3000, warmup=50,
+                                        dead_code_every=100, eval_every=1000, checkpoint_every=200,
+                                        checkpoint_minutes=5.0),
 }
 
 
@@ -99,17 +110,32 @@ class PatchDiscriminator(nn.Module):
         return self.main(x)
 
 
-def schedule_for(cfg: TokenizerTrainConfig) -> tuple[int, ...]:
-    if cfg.scales:
-        return tuple(cfg.scales)
+def resolution_plan(cfg: TokenizerTrainConfig) -> list[tuple[int, int, tuple[int, ...]]]:
+    """(resolution, batch size, scale schedule) for each resolution the steps cycle through."""
+    resolutions = tuple(cfg.resolutions) or (cfg.resolution,)
+    batch_sizes = tuple(cfg.batch_sizes) or (cfg.batch_size,) * len(resolutions)
+    if len(batch_sizes) != len(resolutions):
+        raise ValueError(f"--batch-sizes {batch_sizes} needs one entry per resolution {resolutions}")
+    if cfg.scales and len(resolutions) > 1:
+        raise ValueError("--scales sets one schedule; with several resolutions the preset's are used")
+    if cfg.consistency_weight and len(resolutions) < 2:
+        raise ValueError("--consistency-weight needs at least two --resolutions")
     preset = get_preset(cfg.model_preset)
-    if cfg.resolution not in preset.resolutions:
-        raise ValueError(f"resolution {cfg.resolution} has no schedule in preset {cfg.model_preset!r} "
-                         f"({sorted(preset.resolutions)}); pass --scales")
-    return preset.resolutions[cfg.resolution]
+    plan = []
+    for resolution, batch_size in zip(resolutions, batch_sizes):
+        if cfg.scales:
+            scales = tuple(cfg.scales)
+        elif resolution in preset.resolutions:
+            scales = preset.resolutions[resolution]
+        else:
+            raise ValueError(f"resolution {resolution} has no schedule in preset {cfg.model_preset!r} "
+                             f"({sorted(preset.resolutions)}); pass --scales")
+        plan.append((resolution, batch_size, scales))
+    return plan
 
 
-ARCHITECTURE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "decoder_ch")
+ARCHITECTURE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "decoder_ch",
+                       "share_quant_resi")
 
 
 def architecture_overrides(cfg: TokenizerTrainConfig) -> dict:
@@ -155,9 +181,48 @@ def evaluate(tokenizer: HybridTokenizer, dataset, scales, batch_size: int = 64, 
     return metrics, examples
 
 
+@torch.no_grad()
+def token_agreement(tokenizer: HybridTokenizer, low_set, high_set, low_scales, high_scales,
+                    batch_size: int = 64, max_items: int = 512) -> dict[int, float]:
+    """Per leading scale both schedules share: the fraction of an image's tokens that are the same
+    when it is encoded at the low and at the high resolution (1.0 = one token language)."""
+    tokenizer.eval()
+    shared = 0
+    while shared < min(len(low_scales), len(high_scales)) and low_scales[shared] == high_scales[shared]:
+        shared += 1
+    equal = [0.0] * shared
+    n = min(len(low_set), max_items)
+    for start in range(0, n, batch_size):
+        ids = range(start, min(n, start + batch_size))
+        low, _ = tokenizer.encode(torch.stack([low_set[i]["image"] for i in ids]), low_scales)
+        high, _ = tokenizer.encode(torch.stack([high_set[i]["image"] for i in ids]), high_scales)
+        for si in range(shared):
+            equal[si] += (low[si] == high[si]).float().mean(1).sum().item()
+    return {low_scales[si]: round(equal[si] / n, 4) for si in range(shared)}
+
+
+def grid_suffix(plan, resolution: int) -> str:
+    return f"_{resolution}" if resolution != plan[0][0] else ""
+
+
+def validate(tokenizer: HybridTokenizer, plan, val_sets) -> tuple[dict, dict]:
+    """Held-out metrics: flat for the first resolution, `res{r}_*` for the others, and with
+    several resolutions the token agreement of each higher one with the first (`agreement{r}`)."""
+    metrics, examples = {}, {}
+    first, _, first_scales = plan[0]
+    for resolution, _, scales in plan:
+        values, examples[resolution] = evaluate(tokenizer, val_sets[resolution], scales)
+        prefix = "" if resolution == first else f"res{resolution}_"
+        metrics.update({prefix + k: v for k, v in values.items()})
+        if resolution != first:
+            agreement = token_agreement(tokenizer, val_sets[first], val_sets[resolution], first_scales, scales)
+            metrics[f"agreement{resolution}"] = {str(k): v for k, v in agreement.items()}
+    return metrics, examples
+
+
 def train(cfg: TokenizerTrainConfig) -> dict:
     out = Path(cfg.out)
-    scales = schedule_for(cfg)
+    plan = resolution_plan(cfg)
     overrides = architecture_overrides(cfg)
     if cfg.init_from and not cfg.init_partial and overrides:
         raise ValueError(f"--init-from {cfg.init_from} keeps its own architecture; to change "
@@ -167,15 +232,18 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     else:  # replace() reruns __post_init__, which makes ch_mult a tuple
         tok_cfg = replace(get_preset(cfg.model_preset).tokenizer, **overrides)
     tok_cfg.continuous_prob, tok_cfg.beta = cfg.continuous_prob, cfg.beta
-    if cfg.resolution % tok_cfg.downsample:
-        raise ValueError(f"resolution {cfg.resolution} is not divisible by the tokenizer's downsampling "
-                         f"factor {tok_cfg.downsample}")
-    if scales[-1] * tok_cfg.downsample != cfg.resolution:
-        raise ValueError(f"scales {scales}: the last scale x {tok_cfg.downsample} must equal {cfg.resolution}")
+    for resolution, _, scales in plan:
+        if resolution % tok_cfg.downsample:
+            raise ValueError(f"resolution {resolution} is not divisible by the tokenizer's downsampling "
+                             f"factor {tok_cfg.downsample}")
+        if scales[-1] * tok_cfg.downsample != resolution:
+            raise ValueError(f"scales {scales}: the last scale x {tok_cfg.downsample} must equal {resolution}")
     accelerator = make_accelerator(cfg.mixed_precision, log_dir=out)
     rank, world = accelerator.process_index, accelerator.num_processes
-    train_set = load_dataset(cfg.data, cfg.resolution, "train", cfg.val_fraction, cfg.seed, caption_variation=False)
-    val_set = load_dataset(cfg.data, cfg.resolution, "val", cfg.val_fraction, cfg.seed)
+    train_sets = {r: load_dataset(cfg.data, r, "train", cfg.val_fraction, cfg.seed, caption_variation=False)
+                  for r, _, _ in plan}
+    val_sets = {r: load_dataset(cfg.data, r, "val", cfg.val_fraction, cfg.seed) for r, _, _ in plan}
+    lowest = min(train_sets)
 
     torch.manual_seed(cfg.seed)
     tokenizer = HybridTokenizer(tok_cfg)
@@ -220,16 +288,27 @@ def train(cfg: TokenizerTrainConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup)
             gen = step_generator(cfg.seed, step, rank)
-            idx = batch_indices(len(train_set), cfg.batch_size, step, cfg.seed, rank, world)
+            resolution, batch_size, scales = plan[step % len(plan)]
+            train_set = train_sets[resolution]
+            # each resolution walks its own epochs
+            idx = batch_indices(len(train_set), batch_size, step // len(plan), cfg.seed, rank, world)
             images = torch.stack([train_set[int(i)]["image"] for i in idx]).to(accelerator.device)
             tok = unwrap(accelerator, model)["tokenizer"]
             continuous = bool(torch.rand((), generator=gen) < cfg.continuous_prob)
             model.train()
             with accelerator.autocast():
-                recon, vq_loss, indices, _ = model["tokenizer"](images, scales, continuous=continuous)
+                recon, vq_loss, indices, _, latent = model["tokenizer"](images, scales, continuous=continuous)
                 recon = recon.float()
                 l1, l2 = (recon - images).abs().mean(), (recon - images).square().mean()
                 loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.vq_weight * vq_loss.float()
+                consistency = torch.zeros(())
+                if cfg.consistency_weight and resolution != lowest:
+                    low_images = torch.stack([train_sets[lowest][int(i)]["image"] for i in idx]).to(accelerator.device)
+                    low_latent = model["tokenizer"].encode_latent(low_images).float()
+                    pooled = F.adaptive_avg_pool2d(latent.float(), low_latent.shape[-2:])
+                    # relative to the latent's size, so shrinking the latent cannot lower it
+                    consistency = (pooled - low_latent).square().mean() / low_latent.detach().square().mean()
+                    loss = loss + cfg.consistency_weight * consistency
                 if perceptual is not None:
                     loss = loss + cfg.perceptual_weight * perceptual(recon, images)
                 gan = torch.zeros(())
@@ -258,9 +337,10 @@ def train(cfg: TokenizerTrainConfig) -> dict:
             if log and (step + 1) % cfg.log_every == 0:
                 log.write(step + 1, loss=round(loss.item(), 5), l1=round(l1.item(), 5), l2=round(l2.item(), 5),
                           vq=round(vq_loss.item(), 5), gan=round(float(gan), 5), continuous=continuous,
+                          resolution=resolution, consistency=round(consistency.item(), 5),
                           grad_norm=round(float(grad_norm), 4),
                           lr=optimizer.param_groups[0]["lr"])
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(step + 1 - start_step) * cfg.batch_size * world / (time.time() - started):.1f}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", steps_s=f"{(step + 1 - start_step) / (time.time() - started):.2f}")
             done = step + 1 == cfg.steps
             out_of_time = (cfg.max_minutes and (time.time() - started) / 60 >= cfg.max_minutes) or stop.requested()
             if accelerator.is_main_process and (done or out_of_time or (step + 1) % cfg.checkpoint_every == 0
@@ -269,9 +349,10 @@ def train(cfg: TokenizerTrainConfig) -> dict:
                                   {"usage": usage})
                 last_ckpt_time = time.time()
             if accelerator.is_main_process and ((step + 1) % cfg.eval_every == 0 or done):
-                metrics, examples = evaluate(tok, val_set, scales)
-                log.write(step + 1, **{f"val_{k}": v for k, v in metrics.items()})
-                save_grid(examples, out / "samples" / f"step_{step + 1:08d}.png")
+                result, examples = validate(tok, plan, val_sets)
+                log.write(step + 1, **{f"val_{k}": v for k, v in result.items()})
+                for resolution, rows in examples.items():
+                    save_grid(rows, out / "samples" / f"step_{step + 1:08d}{grid_suffix(plan, resolution)}.png")
                 tok.train()
             accelerator.wait_for_everyone()
             if out_of_time:
@@ -281,12 +362,13 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     result = {}
     if accelerator.is_main_process:
         tok = unwrap(accelerator, model)["tokenizer"].eval()
-        metrics, examples = evaluate(tok, val_set, scales)
+        metrics, examples = validate(tok, plan, val_sets)
         result = {"step": step + 1, **metrics}
         write_json(asdict(tok.config), out / "tokenizer" / "config.json")
         write_weights(tok.state_dict(), out / "tokenizer" / "model.safetensors")
         write_json(result, out / "eval.json")
-        save_grid(examples, out / "samples" / "final.png")
+        for resolution, rows in examples.items():
+            save_grid(rows, out / "samples" / f"final{grid_suffix(plan, resolution)}.png")
         plot_curves(log.records(), ["l1", "l2", "vq"], out / "loss.png")
     record_process_checksums(accelerator, unwrap(accelerator, model)["tokenizer"], out)
     accelerator.end_training()
