@@ -90,6 +90,19 @@ def test_tokenizer_trains_two_resolutions_toward_one_token_language(shapes_data,
                                              consistency_weight=1.0, out=str(tmp_path / "bad")))
 
 
+def test_latent_consistency_does_not_reward_shrinking_the_latent():
+    from train.train_tokenizer import latent_consistency
+    gen = torch.Generator().manual_seed(0)
+    high, low = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 4, 4, generator=gen)
+    scale = torch.tensor(1.0, requires_grad=True)
+    value = latent_consistency(high * scale, low * scale)
+    value.backward()
+    assert value.item() > 0.5 and abs(scale.grad.item()) < 1e-5
+    torch.testing.assert_close(latent_consistency(high * 0.01, low * 0.01), value.detach())
+    pooled = torch.nn.functional.avg_pool2d(high, 2)
+    assert latent_consistency(high, pooled).item() < 1e-10  # exactly consistent latents score 0
+
+
 def test_tokenizer_architecture_overrides_are_trained_and_recorded(shapes_data, tiny_tokenizer, tmp_path):
     """A wider latent warm-started from a trained tokenizer: the saved config has the new shape,
     the run's config.json records the override, and the codebook shape follows it."""

@@ -201,6 +201,16 @@ def token_agreement(tokenizer: HybridTokenizer, low_set, high_set, low_scales, h
     return {low_scales[si]: round(equal[si] / n, 4) for si in range(shared)}
 
 
+def latent_consistency(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """MSE between the high-resolution latent average-pooled to the low one's grid and the low
+    latent, relative to the low latent's mean square. The ratio is not detached, so scaling
+    both latents down leaves it unchanged (a detached denominator rewards shrinking the latent,
+    which collapses the codebook)."""
+    high, low = high.float(), low.float()
+    pooled = F.adaptive_avg_pool2d(high, low.shape[-2:])
+    return (pooled - low).square().mean() / low.square().mean()
+
+
 def grid_suffix(plan, resolution: int) -> str:
     return f"_{resolution}" if resolution != plan[0][0] else ""
 
@@ -304,10 +314,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
                 consistency = torch.zeros(())
                 if cfg.consistency_weight and resolution != lowest:
                     low_images = torch.stack([train_sets[lowest][int(i)]["image"] for i in idx]).to(accelerator.device)
-                    low_latent = model["tokenizer"].encode_latent(low_images).float()
-                    pooled = F.adaptive_avg_pool2d(latent.float(), low_latent.shape[-2:])
-                    # relative to the latent's size, so shrinking the latent cannot lower it
-                    consistency = (pooled - low_latent).square().mean() / low_latent.detach().square().mean()
+                    consistency = latent_consistency(latent, model["tokenizer"].encode_latent(low_images))
                     loss = loss + cfg.consistency_weight * consistency
                 if perceptual is not None:
                     loss = loss + cfg.perceptual_weight * perceptual(recon, images)
