@@ -139,7 +139,18 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
     residual, diffusion_time = None, 0.0
     next_input = None
     for si, pn in enumerate(sizes):
-        if si == 0:
+        if si == 0 and guided:
+            # the unconditional half of the prefix is the same for every prompt: run the text
+            # prefix for the B conditional rows only and copy the kept unconditional one in
+            angles = text_rope_angles(position_ids[:B], head_dim, theta)
+            hidden = transformer.step(cond[:B] + lvl[0], angles, cache.rows(0, B))[:, -1:]
+            keys, values, uncond_hidden = transformer.unconditional_prefix(Lc, dtype, device)
+            for layer in range(len(keys)):
+                cache.keys[layer][B:, :, :Lc] = keys[layer]
+                cache.values[layer][B:, :, :Lc] = values[layer]
+            cache.length = Lc
+            hidden = torch.cat([hidden, uncond_hidden.expand(B, -1, -1)])
+        elif si == 0:
             hidden = transformer.step(cond + lvl[0], text_rope_angles(position_ids, head_dim, theta), cache)
             hidden = hidden[:, -1:]  # the 1x1 token is predicted from the last text slot
         else:

@@ -115,6 +115,14 @@ class KVCache:
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
         self.length = 0  # filled slots; advanced once per step by the model
 
+    def rows(self, start: int, end: int) -> "KVCache":
+        """A cache over batch rows start:end that shares this one's storage (its writes land here)."""
+        view = KVCache.__new__(KVCache)
+        view.keys = [k[start:end] for k in self.keys]
+        view.values = [v[start:end] for v in self.values]
+        view.length = self.length
+        return view
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length:end] = k
@@ -280,6 +288,26 @@ class HARTTransformer(nn.Module):
         total = context_len + sum(s * s for s in scale_sizes[1:])
         cfg = self.config
         return KVCache(cfg.depth, batch, cfg.num_heads, total, cfg.head_dim, dtype, device)
+
+    def unconditional_prefix(self, context_len: int, dtype, device) -> tuple[list, list, torch.Tensor]:
+        """Keys, values (per block, [1, H, Lc, d]) and last hidden state [1, 1, C] of the CFG
+        unconditional prefix: all-zero text states at zero positions, the same for every prompt.
+
+        Computed once and kept until a weight changes (in place or swapped), the autocast
+        setting changes, or another length, dtype or device is asked for."""
+        key = (context_len, dtype, device, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+               tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        memo = getattr(self, "_unconditional_prefix", None)
+        if memo is None or memo[0] != key:
+            zeros = torch.zeros(1, context_len, self.config.context_dim, dtype=dtype, device=device)
+            cond, _ = self.embed_context(zeros)
+            cache = self.new_cache(1, context_len, (1,), dtype, device)
+            angles = text_rope_angles(torch.zeros(1, context_len, dtype=torch.long, device=device),
+                                      self.config.head_dim, self.config.rope_theta)
+            hidden = self.step(cond + self.level_embedding(0, device), angles, cache)
+            memo = (key, cache.keys, cache.values, hidden[:, -1:])
+            self._unconditional_prefix = memo
+        return memo[1], memo[2], memo[3]
 
     def step(self, x: torch.Tensor, angles: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the blocks on one step's tokens [B, n, C] attending to the cache and each other."""

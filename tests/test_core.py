@@ -133,6 +133,22 @@ def test_kv_cache_sampling_matches_teacher_forcing(pipe, cfg):
     torch.testing.assert_close(cached, cond, atol=2e-4, rtol=2e-4)
 
 
+def test_unconditional_prefix_is_kept_until_a_weight_changes(pipe):
+    tf = pipe.transformer
+    with torch.no_grad():
+        keys, _, hidden = tf.unconditional_prefix(16, torch.float32, torch.device("cpu"))
+        again, _, _ = tf.unconditional_prefix(16, torch.float32, torch.device("cpu"))
+        assert again[0] is keys[0]  # reused, not recomputed
+        weight = tf.blocks[0].attn.proj.weight
+        weight.mul_(1.5)  # an in-place update (an optimizer step, a load) must invalidate it
+        try:
+            changed, _, changed_hidden = tf.unconditional_prefix(16, torch.float32, torch.device("cpu"))
+        finally:
+            weight.div_(1.5)
+        assert changed[0] is not keys[0] and not torch.equal(changed_hidden, hidden)
+        torch.testing.assert_close(changed[0], keys[0])  # layer 0's keys come before its proj
+
+
 def test_teacher_forcing_with_dropped_last_scale_tokens(pipe):
     sizes = pipe.schedules[64]
     states, _, positions = pipe.text_encoder(PROMPTS)
