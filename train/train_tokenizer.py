@@ -4,7 +4,7 @@ dead-code restarts, an optional PatchGAN discriminator after a warm-up, and an o
 perceptual loss from a local weights file. With several `--resolutions` the steps cycle through
 them (each with its own batch size), and `--consistency-weight` pulls each higher resolution's
 latent, average-pooled to the lowest resolution's grid, toward the lowest resolution's latent of
-the same image, so that both resolutions give the same coarse tokens.
+the same image, pushing both resolutions toward the same coarse tokens.
 
     python -m train.train_tokenizer --preset emoji-64 --out runs/tok64
     python -m train.train_tokenizer --preset emoji-mixed --init-from runs/tok32-c1/tokenizer --out runs/tokmix
@@ -217,15 +217,17 @@ def grid_suffix(plan, resolution: int) -> str:
 
 def validate(tokenizer: HybridTokenizer, plan, val_sets) -> tuple[dict, dict]:
     """Held-out metrics: flat for the first resolution, `res{r}_*` for the others, and with
-    several resolutions the token agreement of each higher one with the first (`agreement{r}`)."""
+    several resolutions the token agreement of each higher one with the lowest (`agreement{r}`),
+    the same reference the consistency term uses."""
     metrics, examples = {}, {}
-    first, _, first_scales = plan[0]
+    first = plan[0][0]
+    lowest, _, lowest_scales = min(plan)
     for resolution, _, scales in plan:
         values, examples[resolution] = evaluate(tokenizer, val_sets[resolution], scales)
         prefix = "" if resolution == first else f"res{resolution}_"
         metrics.update({prefix + k: v for k, v in values.items()})
-        if resolution != first:
-            agreement = token_agreement(tokenizer, val_sets[first], val_sets[resolution], first_scales, scales)
+        if resolution != lowest:
+            agreement = token_agreement(tokenizer, val_sets[lowest], val_sets[resolution], lowest_scales, scales)
             metrics[f"agreement{resolution}"] = {str(k): v for k, v in agreement.items()}
     return metrics, examples
 
