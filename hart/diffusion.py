@@ -17,7 +17,9 @@ import torch.nn as nn
 from .layers import TimestepEmbedder, modulate
 
 TRAIN_STEPS = 1000
-RESIDUAL_SCALE = 0.6  # targets are divided by this in training; samples multiplied by it
+# Residual tokens are divided by this for the head (training targets) and samples multiplied by it.
+# 0.6 is the official value; a tokenizer with a smaller latent needs a smaller one (TransformerConfig).
+RESIDUAL_SCALE = 0.6
 
 
 # --------------------------------------------------------------------------- network
@@ -152,10 +154,14 @@ class Schedule:
 class ResidualDiffusionHead(nn.Module):
     """Owns the denoiser `net`; `loss` for training, `sample` for inference."""
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, sampling_steps: int = 8):
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, sampling_steps: int = 8,
+                 residual_scale: float = RESIDUAL_SCALE):
         super().__init__()
+        if residual_scale <= 0:
+            raise ValueError(f"residual_scale must be positive, got {residual_scale}")
         self.net = DenoiserMLP(token_dim, cond_dim, width, depth)
         self.sampling_steps = sampling_steps
+        self.residual_scale = residual_scale
         self.train_schedule = Schedule.cosine(TRAIN_STEPS)
         self._schedules: dict[int, Schedule] = {}
 
@@ -174,7 +180,7 @@ class ResidualDiffusionHead(nn.Module):
         Guidance acts in epsilon space: eps = (1 + cfg) eps(z_cond) - cfg eps(z_uncond); the
         variance comes from the conditional rows. `noise` = (initial, per-step list) replaces
         the generator's draws (used by the parity check). Returns the residual, already
-        multiplied by RESIDUAL_SCALE.
+        multiplied by `residual_scale`.
         """
         steps = steps or self.sampling_steps
         sched = self.schedule(steps)
@@ -200,7 +206,7 @@ class ResidualDiffusionHead(nn.Module):
                 x = mean + torch.exp(0.5 * log_var) * eps_noise * temperature
             else:
                 x = mean
-        return x * RESIDUAL_SCALE
+        return x * self.residual_scale
 
     # ---- training
     def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -209,7 +215,7 @@ class ResidualDiffusionHead(nn.Module):
         Mean-squared epsilon error plus the variational bound for the learned variance (with the
         mean's gradient stopped in that term), averaged over tokens."""
         sched = self.train_schedule
-        x0 = target / RESIDUAL_SCALE
+        x0 = target / self.residual_scale
         N, D = x0.shape
         t = torch.randint(0, TRAIN_STEPS, (N,), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .diffusion import ResidualDiffusionHead
+from .diffusion import RESIDUAL_SCALE, ResidualDiffusionHead
 from .layers import RMSNorm, TimestepEmbedder
 
 
@@ -39,6 +39,7 @@ class TransformerConfig:
     num_sampling_steps: int = 8
     cond_drop_rate: float = 0.1       # training: uniform draw per sample
     diffusion_batch_mul: int = 4      # training: repeats of each residual token
+    residual_scale: float = RESIDUAL_SCALE  # residual / scale is what the head models: aim for std ~0.2
 
     def __post_init__(self):
         self.patch_nums = tuple(self.patch_nums)
@@ -212,7 +213,7 @@ class HARTTransformer(nn.Module):
         self.head = nn.Linear(C, cfg.vocab_size)
         self.decoder_norm = RMSNorm(C, cfg.norm_eps)
         self.diffloss = ResidualDiffusionHead(cfg.token_dim, C, cfg.diff_width, cfg.diff_depth,
-                                              cfg.num_sampling_steps)
+                                              cfg.num_sampling_steps, cfg.residual_scale)
         self.initialize_weights()
 
     def initialize_weights(self):

@@ -7,7 +7,7 @@ import torch
 
 from hart import HARTPipeline
 from hart.checkpoint import read_weights
-from hart.diffusion import RESIDUAL_SCALE, ResidualDiffusionHead, respaced_timesteps
+from hart.diffusion import ResidualDiffusionHead, respaced_timesteps
 from hart.sampler import SamplingOptions, guidance_ramp, sample
 from hart.tokenizer import phi_index
 from hart.transformer import image_rope_angles, text_rope_angles
@@ -196,7 +196,26 @@ def test_diffusion_head_steps_and_zero_cfg():
     torch.testing.assert_close(guided0, cond_only)
     guided = head.sample(z_c, z_u, cfg=2.0, steps=4, generator=torch.Generator().manual_seed(3))
     assert not torch.allclose(guided, cond_only)
-    assert out.abs().max() <= RESIDUAL_SCALE + 1e-6  # x0 is clipped to [-1, 1] before scaling
+    assert out.abs().max() <= head.residual_scale + 1e-6  # x0 is clipped to [-1, 1] before scaling
+
+
+def test_residual_scale_sets_the_heads_units():
+    """A head at scale s models residual / s: the same net at 0.15 and at 0.6 agrees once the
+    targets and samples are converted between the two units."""
+    torch.manual_seed(0)
+    small = ResidualDiffusionHead(token_dim=4, cond_dim=16, width=32, depth=2, residual_scale=0.15)
+    for p in small.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    official = ResidualDiffusionHead(token_dim=4, cond_dim=16, width=32, depth=2)
+    official.load_state_dict(small.state_dict())
+    z, target = torch.randn(6, 16), 0.05 * torch.randn(6, 4)
+    seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch.testing.assert_close(small.loss(target, z, seeded()), official.loss(target * 4, z, seeded()))
+    small_out = small.sample(z, steps=4, generator=seeded())
+    torch.testing.assert_close(small_out, official.sample(z, steps=4, generator=seeded()) / 4)
+    assert small_out.abs().max() <= 0.15 + 1e-6
+    with pytest.raises(ValueError, match="residual_scale"):
+        ResidualDiffusionHead(token_dim=4, cond_dim=16, width=32, depth=2, residual_scale=0.0)
 
 
 def test_diffusion_loss_trains():

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from hart import HARTPipeline
-from hart.checkpoint import CheckpointError, read_weights
+from hart.checkpoint import CheckpointError, read_json, read_weights
 from hart.presets import get_preset
 from hart.tokenizer import HybridTokenizer
 from hart.transformer import HARTTransformer
@@ -295,11 +295,14 @@ def test_head_only_training_changes_only_the_residual_head(shapes_data, tiny_tok
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=6, checkpoint_every=6))
     source = tmp_path / "ar" / "model"
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "head", steps=6, checkpoint_every=6,
-                       init_from=str(source), head_only=True, lr=1e-2))
+                       init_from=str(source), head_only=True, lr=1e-2, residual_scale=0.15))
     before = read_weights(source / "transformer" / "model.safetensors")
     after = read_weights(tmp_path / "head" / "model" / "transformer" / "model_raw.safetensors")
     changed = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
     assert changed and all(k.startswith("diffloss.") for k in changed)
+    # the head was retrained in new units: the exported model samples in them
+    assert read_json(source / "transformer" / "config.json")["residual_scale"] == 0.6
+    assert HARTPipeline.from_pretrained(tmp_path / "head" / "model").transformer.diffloss.residual_scale == 0.15
     with pytest.raises(ValueError, match="--init-from"):
         train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "bad", head_only=True))
 

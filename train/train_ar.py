@@ -64,6 +64,7 @@ class ARTrainConfig:
     cond_drop: float = 0.1             # uniform draw per sample
     diffusion_batch_mul: int = 4
     diffusion_weight: float = 1.0
+    residual_scale: float = 0.0        # >0: the head models residual / this (0: the preset's; see the log line)
     drop_last_scale: bool = False      # MAR-style last-scale token dropping
     drop_min_keep: int = 16
     replay_resolution: int = 0         # stage 2: also train at this (stage-1) resolution ...
@@ -227,7 +228,7 @@ class ResolutionData:
     scales: tuple
     dataset: object
     indices: torch.Tensor      # [N, sum of scale areas] token ids per dataset image
-    rest: torch.Tensor         # [N, last area, C] what the last scale's codes leave (residual target)
+    rest: torch.Tensor         # [N, last area, C] remainder before the last scale (minus its code: the residual)
     items: torch.Tensor        # dataset image ids trained on
     per_epoch: int
 
@@ -273,6 +274,9 @@ def train(cfg: ARTrainConfig) -> dict:
     tf_cfg = preset.transformer
     tf_cfg.vocab_size, tf_cfg.token_dim = tokenizer.config.vocab_size, tokenizer.config.z_channels
     tf_cfg.patch_nums, tf_cfg.diffusion_batch_mul, tf_cfg.cond_drop_rate = scales, cfg.diffusion_batch_mul, cfg.cond_drop
+    if cfg.residual_scale < 0:
+        raise ValueError(f"--residual-scale must be positive (or 0 for the preset's), got {cfg.residual_scale}")
+    tf_cfg.residual_scale = cfg.residual_scale or tf_cfg.residual_scale
 
     accelerator = make_accelerator(cfg.mixed_precision, log_dir=out)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -282,6 +286,9 @@ def train(cfg: ARTrainConfig) -> dict:
         replay = prepare_resolution(cfg, cfg.replay_resolution, schedule_for(cfg, cfg.replay_resolution),
                                     tokenizer, accelerator, out)
     dataset = main_data.dataset
+    residual = main_data.rest - tokenizer.codebook[main_data.indices[:, -main_data.rest.shape[1]:]]
+    accelerator.print(f"residual tokens: std {residual.std():.4f}; the head sees residual / {tf_cfg.residual_scale} "
+                      f"with std {residual.std() / tf_cfg.residual_scale:.3f} (aim for about 0.2)")
     encoder = TextEncoder.from_config(preset.text_encoder)
     if encoder.hidden_size != tf_cfg.context_dim:
         raise ValueError(f"text encoder width {encoder.hidden_size} != transformer context_dim {tf_cfg.context_dim}")
