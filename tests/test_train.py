@@ -303,6 +303,10 @@ def test_head_only_training_changes_only_the_residual_head(shapes_data, tiny_tok
     # the head was retrained in new units: the exported model samples in them
     assert read_json(source / "transformer" / "config.json")["residual_scale"] == 0.6
     assert HARTPipeline.from_pretrained(tmp_path / "head" / "model").transformer.diffloss.residual_scale == 0.15
+    # a warm start from that model keeps its units without the flag
+    train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "again", steps=2, checkpoint_every=2,
+                       init_from=str(tmp_path / "head" / "model"), head_only=True))
+    assert read_json(tmp_path / "again" / "model" / "transformer" / "config.json")["residual_scale"] == 0.15
     with pytest.raises(ValueError, match="--init-from"):
         train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "bad", head_only=True))
 

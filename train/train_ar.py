@@ -64,7 +64,7 @@ class ARTrainConfig:
     cond_drop: float = 0.1             # uniform draw per sample
     diffusion_batch_mul: int = 4
     diffusion_weight: float = 1.0
-    residual_scale: float = 0.0        # >0: the head models residual / this (0: the preset's; see the log line)
+    residual_scale: float = 0.0        # >0: the head models residual / this (0: --init-from's, else the preset's)
     drop_last_scale: bool = False      # MAR-style last-scale token dropping
     drop_min_keep: int = 16
     replay_resolution: int = 0         # stage 2: also train at this (stage-1) resolution ...
@@ -276,7 +276,11 @@ def train(cfg: ARTrainConfig) -> dict:
     tf_cfg.patch_nums, tf_cfg.diffusion_batch_mul, tf_cfg.cond_drop_rate = scales, cfg.diffusion_batch_mul, cfg.cond_drop
     if cfg.residual_scale < 0:
         raise ValueError(f"--residual-scale must be positive (or 0 for the preset's), got {cfg.residual_scale}")
-    tf_cfg.residual_scale = cfg.residual_scale or tf_cfg.residual_scale
+    init_config = Path(cfg.init_from) / "transformer" / "config.json"
+    if cfg.residual_scale:
+        tf_cfg.residual_scale = cfg.residual_scale
+    elif cfg.init_from and init_config.is_file():  # keep the units the warm-started head was trained in
+        tf_cfg.residual_scale = read_json(init_config).get("residual_scale", tf_cfg.residual_scale)
 
     accelerator = make_accelerator(cfg.mixed_precision, log_dir=out)
     rank, world = accelerator.process_index, accelerator.num_processes
