@@ -275,12 +275,13 @@ def train(cfg: ARTrainConfig) -> dict:
     tf_cfg.vocab_size, tf_cfg.token_dim = tokenizer.config.vocab_size, tokenizer.config.z_channels
     tf_cfg.patch_nums, tf_cfg.diffusion_batch_mul, tf_cfg.cond_drop_rate = scales, cfg.diffusion_batch_mul, cfg.cond_drop
     if cfg.residual_scale < 0:
-        raise ValueError(f"--residual-scale must be positive (or 0 for the preset's), got {cfg.residual_scale}")
-    init_config = Path(cfg.init_from) / "transformer" / "config.json"
+        raise ValueError(f"--residual-scale must be positive (or 0 to keep the model's), got {cfg.residual_scale}")
     if cfg.residual_scale:
         tf_cfg.residual_scale = cfg.residual_scale
-    elif cfg.init_from and init_config.is_file():  # keep the units the warm-started head was trained in
-        tf_cfg.residual_scale = read_json(init_config).get("residual_scale", tf_cfg.residual_scale)
+    elif cfg.init_from and (Path(cfg.init_from) / "transformer" / "config.json").is_file():
+        # keep the units the warm-started head was trained in
+        init_config = read_json(Path(cfg.init_from) / "transformer" / "config.json")
+        tf_cfg.residual_scale = init_config.get("residual_scale", tf_cfg.residual_scale)
 
     accelerator = make_accelerator(cfg.mixed_precision, log_dir=out)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -290,9 +291,9 @@ def train(cfg: ARTrainConfig) -> dict:
         replay = prepare_resolution(cfg, cfg.replay_resolution, schedule_for(cfg, cfg.replay_resolution),
                                     tokenizer, accelerator, out)
     dataset = main_data.dataset
-    residual = main_data.rest - tokenizer.codebook[main_data.indices[:, -main_data.rest.shape[1]:]]
-    accelerator.print(f"residual tokens: std {residual.std():.4f}; the head sees residual / {tf_cfg.residual_scale} "
-                      f"with std {residual.std() / tf_cfg.residual_scale:.3f} (aim for about 0.2)")
+    residual_std = (main_data.rest - tokenizer.codebook[main_data.indices[:, -main_data.rest.shape[1]:]]).std().item()
+    accelerator.print(f"residual tokens: std {residual_std:.4f}; the head sees residual / {tf_cfg.residual_scale} "
+                      f"with std {residual_std / tf_cfg.residual_scale:.3f} (aim for about 0.2)")
     encoder = TextEncoder.from_config(preset.text_encoder)
     if encoder.hidden_size != tf_cfg.context_dim:
         raise ValueError(f"text encoder width {encoder.hidden_size} != transformer context_dim {tf_cfg.context_dim}")
