@@ -77,7 +77,10 @@ class DenoiserMLP(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = self.time_embed(t) + self.cond_embed(z)
+        return self.trunk(x, self.time_embed(t) + self.cond_embed(z))
+
+    def trunk(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The denoiser given its AdaLN condition y = time_embed(t) + cond_embed(z)."""
         h = self.input_proj(x)
         for block in self.res_blocks:
             h = block(h, y)
@@ -189,17 +192,23 @@ class ResidualDiffusionHead(nn.Module):
         guided = z_uncond is not None and cfg != 0
         z = torch.cat([z_cond, z_uncond]) if guided else z_cond
         x = noise[0] if noise is not None else torch.randn(N, D, generator=generator, device=z.device, dtype=dtype)
+        # step-invariant work done once: the condition's projection, every step's time embedding
+        # (one row per step, the same for all tokens) and the schedule's constants per step
+        cond = self.net.cond_embed(z)
+        times = self.net.time_embed(torch.from_numpy(sched.timesteps).to(z.device))
+        constants = {name: sched.at(name, torch.arange(steps, device=z.device), x)[:, 0]
+                     for name in ("log_betas", "posterior_log_variance", "sqrt_recip_ac", "sqrt_recipm1_ac",
+                                  "posterior_coef1", "posterior_coef2")}
         for n, i in enumerate(reversed(range(steps))):
-            step = torch.full((N,), i, dtype=torch.long, device=z.device)
-            t_orig = torch.full((z.shape[0],), int(sched.timesteps[i]), dtype=torch.long, device=z.device)
-            out = self.net(torch.cat([x, x]) if guided else x, t_orig, z)
+            c = {name: values[i] for name, values in constants.items()}
+            out = self.net.trunk(torch.cat([x, x]) if guided else x, times[i] + cond)
             eps, v = out[:N, :D], out[:N, D:]
             if guided:
                 eps = (1 + cfg) * eps - cfg * out[N:, :D]
             frac = (v + 1) / 2
-            log_var = frac * sched.at("log_betas", step, x) + (1 - frac) * sched.at("posterior_log_variance", step, x)
-            x0 = (sched.at("sqrt_recip_ac", step, x) * x - sched.at("sqrt_recipm1_ac", step, x) * eps).clamp(-1, 1)
-            mean = sched.at("posterior_coef1", step, x) * x0 + sched.at("posterior_coef2", step, x) * x
+            log_var = frac * c["log_betas"] + (1 - frac) * c["posterior_log_variance"]
+            x0 = (c["sqrt_recip_ac"] * x - c["sqrt_recipm1_ac"] * eps).clamp(-1, 1)
+            mean = c["posterior_coef1"] * x0 + c["posterior_coef2"] * x
             if i > 0:
                 eps_noise = noise[1][n] if noise is not None else torch.randn(N, D, generator=generator,
                                                                                  device=z.device, dtype=dtype)

@@ -71,9 +71,26 @@ def sample_indices(logits: torch.Tensor, opts: SamplingOptions, generator: torch
     """logits [B, n, V] (already filtered) -> indices [B, n]."""
     if opts.top_k == 1:
         return logits.argmax(-1)
-    probs = (logits / opts.temperature).softmax(-1)
-    B, n, V = probs.shape
-    return torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, n)
+    return categorical((logits / opts.temperature).softmax(-1), generator)
+
+
+def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of probs [..., V] by inverting the cumulative sum with one uniform
+    per row (torch.multinomial draws V exponentials per row, serially: slow for big V)."""
+    cdf = probs.float().cumsum(-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device) * total
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # stay below the last step
+    return torch.searchsorted(cdf, u, right=True)[..., 0]  # first entry whose cdf exceeds u
+
+
+def sample_top_k(logits: torch.Tensor, top_k: int, temperature: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, n, V] -> indices [B, n] drawn among the k largest only: the distribution of
+    filter_logits + sample_indices, with the softmax and the draw over k entries instead of V."""
+    values, candidates = logits.topk(top_k, dim=-1)
+    choice = categorical((values / temperature).softmax(-1), generator)
+    return candidates.gather(-1, choice[..., None])[..., 0]
 
 
 def gumbel_codes(logits: torch.Tensor, ratio: float, codebook: torch.Tensor,
@@ -164,8 +181,11 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
             logits = (1 + t) * logits[:B] - t * logits[B:]
         if keep_logits:
             all_logits.append(logits)
-        logits = filter_logits(logits, opts.top_k, opts.top_p)
-        idx = sample_indices(logits, opts, generator)
+        if 1 < opts.top_k < logits.shape[-1] and not opts.top_p and not opts.more_smooth:
+            idx = sample_top_k(logits, opts.top_k, opts.temperature, generator)
+        else:
+            logits = filter_logits(logits, opts.top_k, opts.top_p)
+            idx = sample_indices(logits, opts, generator)
         indices.append(idx)
         ratio = si / (S - 1) if si < S - 1 else (S - 2) / (S - 1) if S > 1 else 0.0
         codes = gumbel_codes(logits, ratio, codebook, generator) if opts.more_smooth else codebook[idx]

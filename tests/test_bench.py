@@ -218,3 +218,13 @@ def test_forced_bf16_generation_runs_under_autocast(tmp_path):
     for c in cases:
         _positive(c["steps"]["2"]["latency_ratio_dit_over_hart"], f"{c['precision']} ratio")
     assert "| bf16 |" in proc.stdout  # the markdown table has a precision column
+
+
+def test_counted_macs_leave_out_the_one_time_unconditional_prefix():
+    from bench.run import pipeline_macs
+    from hart.pipeline import HARTPipeline
+    pipe = HARTPipeline.from_preset("tiny")
+    first = pipeline_macs(pipe, resolution=32, num_images=1, seed=0, cfg=3.0)  # builds the kept prefix
+    again = pipeline_macs(pipe, resolution=32, num_images=1, seed=0, cfg=3.0)  # reuses it, like a timed call
+    assert first["uncond_prefix_once"] > 0 and again["uncond_prefix_once"] == 0
+    assert first["ar"] == again["ar"] and first["total"] == again["total"]

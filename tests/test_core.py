@@ -8,7 +8,7 @@ import torch
 from hart import HARTPipeline
 from hart.checkpoint import read_weights
 from hart.diffusion import ResidualDiffusionHead, respaced_timesteps
-from hart.sampler import SamplingOptions, guidance_ramp, sample
+from hart.sampler import SamplingOptions, filter_logits, guidance_ramp, sample, sample_indices, sample_top_k
 from hart.tokenizer import phi_index
 from hart.transformer import image_rope_angles, text_rope_angles
 
@@ -184,13 +184,15 @@ def test_diffusion_head_steps_and_zero_cfg():
     head = ResidualDiffusionHead(token_dim=4, cond_dim=16, width=32, depth=2)
     for p in head.parameters():  # give the zero-initialised layers values so outputs depend on them
         torch.nn.init.normal_(p, std=0.2)
-    calls = []
-    head.net.register_forward_hook(lambda *a: calls.append(1))
+    calls, projections = [], []
+    head.net.final_layer.register_forward_hook(lambda *a: calls.append(1))  # one per denoiser step
+    head.net.cond_embed.register_forward_hook(lambda *a: projections.append(1))
     z_c, z_u = torch.randn(5, 16), torch.randn(5, 16)
     for steps in (1, 3, 8):
-        calls.clear()
+        calls.clear(), projections.clear()
         out = head.sample(z_c, z_u, cfg=2.0, steps=steps, generator=torch.Generator().manual_seed(1))
         assert len(calls) == steps and out.shape == (5, 4)
+        assert len(projections) == 1  # the condition is projected once, not per step
     guided0 = head.sample(z_c, z_u, cfg=0.0, steps=4, generator=torch.Generator().manual_seed(3))
     cond_only = head.sample(z_c, None, steps=4, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(guided0, cond_only)
@@ -400,3 +402,20 @@ def test_bf16_weights_held_once_match_plain_autocast_and_restore_fp32(pipe, tmp_
         assert np.array_equal(np.asarray(a), np.asarray(b))
     again = pipe("red apple", seed=3, resolution=32, num_images=2)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(fp32.images, again.images))
+
+
+def test_top_k_draw_over_candidates_matches_the_filtered_full_draw():
+    """The fast top-k draw (softmax and draw over k entries) has the distribution of filtering
+    the logits to the top k and drawing over the whole vocabulary; both match the softmax."""
+    logits = torch.tensor([0.5, 2.0, -1.0, 1.5, 0.0, 1.8, -3.0, 0.2]).repeat(1, 4000, 1)  # [1, 4000, 8]
+    opts = SamplingOptions(top_k=3, temperature=0.7)
+    fast = sample_top_k(logits, 3, 0.7, torch.Generator().manual_seed(0))
+    full = sample_indices(filter_logits(logits, 3), opts, torch.Generator().manual_seed(1))
+    # only the three largest logits; the filtered (zero-probability) entries are never drawn
+    assert set(fast.unique().tolist()) == set(full.unique().tolist()) == {1, 3, 5}
+    expected = torch.softmax(torch.tensor([2.0, 1.5, 1.8]) / 0.7, 0)
+    for draws in (fast, full):
+        freq = torch.stack([(draws == i).float().mean() for i in (1, 3, 5)])
+        assert torch.allclose(freq, expected, atol=0.025), (freq, expected)
+    again = sample_top_k(logits, 3, 0.7, torch.Generator().manual_seed(0))
+    assert torch.equal(fast, again)  # one seeded generator: the same draw

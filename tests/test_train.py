@@ -283,9 +283,14 @@ def test_stage_two_replays_the_stage_one_resolution(shapes_data, tiny_tokenizer,
     monkeypatch.setattr(ARLoss, "forward", spy)
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "s2", resolution=64, steps=7, checkpoint_every=7,
                        init_from=str(tmp_path / "s1" / "model"), drop_last_scale=True, drop_min_keep=4,
-                       replay_resolution=32, replay_every=3))
+                       replay_resolution=32, replay_every=3, log_every=2))
     # every third step trains at 32 px on all its tokens; the others at 64 px with dropping
     assert seen == [((1, 2, 3, 4), True) if i % 3 == 0 else ((1, 2, 4, 6, 8), False) for i in range(7)]
+    # a log line reports the replay steps' accuracy only when replay steps ran since the previous line
+    lines = [json.loads(line) for line in (tmp_path / "s2" / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 6]
+    assert [("replay_acc" in line) for line in lines] == [True, True, False]  # replay steps 0 and 3
+    assert all(0.0 <= line["replay_acc"] <= 1.0 for line in lines[:2])
     pipe = HARTPipeline.from_pretrained(tmp_path / "s2" / "model")
     assert pipe.resolutions == [32, 64]
     assert pipe("red square", resolution=32, seed=0).images[0].size == (32, 32)

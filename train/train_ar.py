@@ -337,6 +337,7 @@ def train(cfg: ARTrainConfig) -> dict:
     resolutions[cfg.resolution] = scales
 
     started = last_ckpt = time.time()
+    replay_accs: list[float] = []  # accuracy of the replay steps since the last log line
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                disable=not accelerator.is_main_process, desc=f"ar{cfg.resolution}")
     step = start_step
@@ -372,13 +373,17 @@ def train(cfg: ARTrainConfig) -> dict:
             grad_norm = clip_gradients(accelerator, model, cfg.grad_clip)
             optimizer.step()
             ema.update(unwrap(accelerator, model).transformer, step)
+            if is_replay:
+                replay_accs.append(acc.item())
             if log and (step + 1) % cfg.log_every == 0:
                 elapsed = time.time() - started
+                replay_stats = {"replay_acc": round(sum(replay_accs) / len(replay_accs), 4)} if replay_accs else {}
+                replay_accs.clear()
                 log.write(step + 1, loss=round(loss.item(), 5), ce=round(ce.item(), 5), diff=round(diff.item(), 5),
                           acc=round(acc.item(), 4), grad_norm=round(float(grad_norm), 4),
                           lr=round(cfg.lr * lr_scale, 7),
                           steps_per_s=round((step + 1 - start_step) / elapsed, 3),
-                          last_scale_kept=scales[-1] ** 2 if keep is None else keep.shape[1])
+                          last_scale_kept=scales[-1] ** 2 if keep is None else keep.shape[1], **replay_stats)
                 bar.set_postfix(ce=f"{ce.item():.3f}", diff=f"{diff.item():.3f}", acc=f"{acc.item():.3f}",
                                 it_s=f"{(step + 1 - start_step) / elapsed:.2f}")
             done = step + 1 == cfg.steps
