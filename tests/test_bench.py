@@ -170,7 +170,10 @@ def test_tiny_run_has_every_section_and_ratio(tiny_run):
         for n, d in c["steps"].items():
             for key in ("head_s", "total_s", "time_share", "head_macs", "macs_share"):
                 _positive(d[key], f"residual head {c['resolution']}px {n} steps {key}")
-        assert c["steps"]["16"]["head_macs"] == 16 * c["steps"]["1"]["head_macs"]
+        # a fixed part once per call (condition projection, time embeddings), then the same cost per step
+        m = {k: c["steps"][k]["head_macs"] for k in ("1", "4", "8", "16")}
+        assert m["16"] - m["8"] == 2 * (m["8"] - m["4"]) and 3 * (m["8"] - m["4"]) == 4 * (m["4"] - m["1"])
+        assert m["16"] < 16 * m["1"]  # the fixed part is not repeated per step
 
     layout = data["decode_layout"]
     assert "skipped" in layout["full_size"]
@@ -228,3 +231,19 @@ def test_counted_macs_leave_out_the_one_time_unconditional_prefix():
     again = pipeline_macs(pipe, resolution=32, num_images=1, seed=0, cfg=3.0)  # reuses it, like a timed call
     assert first["uncond_prefix_once"] > 0 and again["uncond_prefix_once"] == 0
     assert first["ar"] == again["ar"] and first["total"] == again["total"]
+
+
+def test_attention_benchmark_reports_rates(tmp_path):
+    out = tmp_path / "attention.json"
+    cmd = [sys.executable, "bench/attention.py", "--queries", "32", "--keys", "96", "--repeats", "2",
+           "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["shape"]["queries"] == 32 and data["shape"]["keys"] == 96
+    for precision in ("bf16", "fp32"):
+        entry = data["precisions"][precision]
+        for variant in ("sdpa", "math", "gemm"):
+            _positive(entry["gflops"][variant]["median"], f"{precision} {variant}")
+        assert entry["max_abs_error_vs_fp32_sdpa"]["math"] < (0.05 if precision == "bf16" else 1e-4)
+        _positive(entry["sdpa_rate_over_gemm_rate"], f"{precision} ratio")
