@@ -6,7 +6,7 @@ At the 0.7B configuration's last 512 px scale (CFG pair: 2 rows, 24 heads, 1,024
 300 text + 2,239 image keys, head dim 64) this times, interleaved in rounds after a warm-up:
   - sdpa: F.scaled_dot_product_attention (the sampler's path; the CPU flash kernel);
   - math: Q K^T, softmax in fp32, P V as three PyTorch calls;
-  - flex: torch.compile(flex_attention), only with --flex (compiling takes about 20 s);
+  - flex: torch.compile(flex_attention), only with --flex (the first compile took 21 s here, 2 to 4 s from the cache);
   - gemm: the block's feed-forward up projection at the same 2,048 rows (2048 x 1536 x 4096),
     the kind of matmul the rest of the block is made of;
 in bf16 and fp32, and reports GFLOP/s for each (attention: 4 L S d FLOPs per row and head).
