@@ -373,7 +373,7 @@ def train(cfg: ARTrainConfig) -> dict:
             grad_norm = clip_gradients(accelerator, model, cfg.grad_clip)
             optimizer.step()
             ema.update(unwrap(accelerator, model).transformer, step)
-            if is_replay:
+            if is_replay and log:  # only the process that logs keeps (and clears) them
                 replay_accs.append(acc.item())
             if log and (step + 1) % cfg.log_every == 0:
                 elapsed = time.time() - started
