@@ -1,4 +1,5 @@
 """Trainers: loss goes down, exact resume after SIGKILL, two-process accelerate run, token dropping."""
+from dataclasses import replace
 import json
 import math
 import os
@@ -222,6 +223,16 @@ def test_resume_with_another_config_is_refused(shapes_data, tiny_tokenizer, tmp_
         train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=10, batch_size=2))
 
 
+def test_checkpoints_with_a_retired_field_resume_only_when_it_was_off(tmp_path):
+    from train.common import check_resume_config
+    current = {"lr": 1e-3, "steps": 10}
+    check_resume_config({"lr": 1e-3, "steps": 5, "head_only": False}, current, tmp_path)  # steps may change
+    with pytest.raises(CheckpointError, match="head_only"):
+        check_resume_config({"lr": 1e-3, "steps": 10, "head_only": True}, current, tmp_path)
+    with pytest.raises(CheckpointError, match="lr"):
+        check_resume_config({"lr": 2e-3, "steps": 10}, current, tmp_path)
+
+
 def test_two_process_accelerate_run_keeps_weights_identical(shapes_data, tiny_tokenizer, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -296,24 +307,57 @@ def test_stage_two_replays_the_stage_one_resolution(shapes_data, tiny_tokenizer,
     assert pipe("red square", resolution=32, seed=0).images[0].size == (32, 32)
 
 
-def test_head_only_training_changes_only_the_residual_head(shapes_data, tiny_tokenizer, tmp_path):
+def test_deepened_head_starts_as_the_same_function():
+    from hart.diffusion import ResidualDiffusionHead
+    from train.train_head import deepen
+    torch.manual_seed(0)
+    head = ResidualDiffusionHead(token_dim=4, cond_dim=8, width=16, depth=2)
+    for p in head.parameters():  # a "trained" head: no zero modulation left
+        torch.nn.init.normal_(p, std=0.1)
+    grown = deepen(head, 4)
+    assert len(grown.net.res_blocks) == 4
+    z = torch.randn(5, 8)
+    same = [h.sample(z, steps=4, generator=torch.Generator().manual_seed(1)) for h in (head, grown)]
+    assert torch.allclose(same[0], same[1], atol=1e-6)
+    with pytest.raises(ValueError, match="below"):
+        deepen(head, 1)
+
+
+def test_head_training_changes_only_the_head_and_resumes(shapes_data, tiny_tokenizer, tmp_path):
+    from train.train_head import HeadTrainConfig, train as train_head
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=6, checkpoint_every=6))
     source = tmp_path / "ar" / "model"
-    train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "head", steps=6, checkpoint_every=6,
-                       init_from=str(source), head_only=True, lr=1e-2, residual_scale=0.15))
+    cfg = HeadTrainConfig(model=str(source), data=str(shapes_data), out=str(tmp_path / "head"), diff_depth=3,
+                          residual_scale=0.15, batch_tokens=256, lr=3e-3, warmup=5, steps=40, log_every=20,
+                          eval_tokens=512, mixed_precision="no")
+    train_head(replace(cfg, max_minutes=1e-9))  # stops after its first step, with a checkpoint
+    assert (tmp_path / "head" / "checkpoints" / "step_00000001").is_dir()
+    train_head(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 20, 40]  # resumed: no second start line
+    assert lines[-1]["explained"] > lines[0]["explained"]
+    assert len(list((tmp_path / "head" / "cache").glob("head_32_*.safetensors"))) == 1  # built once
     before = read_weights(source / "transformer" / "model.safetensors")
-    after = read_weights(tmp_path / "head" / "model" / "transformer" / "model_raw.safetensors")
+    after = read_weights(tmp_path / "head" / "model" / "transformer" / "model.safetensors")
+    assert set(after) - set(before) == {k.replace("res_blocks.1.", "res_blocks.2.") for k in before
+                                        if k.startswith("diffloss.net.res_blocks.1.")}
     changed = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
     assert changed and all(k.startswith("diffloss.") for k in changed)
-    # the head was retrained in new units: the exported model samples in them
+    pipe = HARTPipeline.from_pretrained(tmp_path / "head" / "model")
+    assert pipe.transformer.config.diff_depth == 3 and pipe.transformer.diffloss.residual_scale == 0.15
+    assert pipe("red square", resolution=32, seed=0).images[0].size == (32, 32)
+    # the head was retrained in new units; a warm start from that model keeps them
     assert read_json(source / "transformer" / "config.json")["residual_scale"] == 0.6
-    assert HARTPipeline.from_pretrained(tmp_path / "head" / "model").transformer.diffloss.residual_scale == 0.15
-    # a warm start from that model keeps its units without the flag
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "again", steps=2, checkpoint_every=2,
-                       init_from=str(tmp_path / "head" / "model"), head_only=True))
+                       init_from=str(tmp_path / "head" / "model")))
     assert read_json(tmp_path / "again" / "model" / "transformer" / "config.json")["residual_scale"] == 0.15
-    with pytest.raises(ValueError, match="--init-from"):
-        train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "bad", head_only=True))
+    # another width: a new head of that shape, and nothing else changed
+    train_head(replace(cfg, out=str(tmp_path / "wide"), diff_width=48, diff_depth=0, steps=2))
+    wide = HARTPipeline.from_pretrained(tmp_path / "wide" / "model").transformer
+    assert (wide.config.diff_width, wide.config.diff_depth) == (48, 2)
+    assert wide.diffloss.net.input_proj.out_features == 48
+    with pytest.raises(ValueError, match="--model"):
+        train_head(HeadTrainConfig())
 
 
 def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):

@@ -26,6 +26,9 @@ from hart.checkpoint import (CheckpointError, load_into, load_matching, read_wei
 # fields that may differ between a checkpoint's run and the run resuming it
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "checkpoint_minutes", "log_every", "eval_every", "resume",
                      "max_minutes", "out"}
+# Fields a config class no longer has, with the value that meant "off": checkpoints that saved that
+# value still resume (train_ar's head_only moved to train_head in session 9).
+RETIRED_FIELDS = {"head_only": False}
 
 
 # ------------------------------------------------------------------ configs
@@ -80,6 +83,9 @@ def check_resume_config(saved: dict, current: dict, source: Path, defaults: dict
     """Refuse to resume with a different config. A field the checkpoint lacks (added to the
     config class later) counts as its default value."""
     saved = {**(defaults or {}), **saved}
+    for name, off in RETIRED_FIELDS.items():
+        if name not in current and saved.get(name) == off:
+            del saved[name]
     diffs = [k for k in sorted(set(saved) | set(current))
              if k not in RESUMABLE_CHANGES and _jsonable(saved.get(k)) != _jsonable(current.get(k))]
     if diffs:
@@ -180,6 +186,17 @@ def cosine_lr(step: int, total: int, warmup: int, min_ratio: float = 0.05) -> fl
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_decaying_matrices(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with weight decay on weight matrices only (not on
+    biases, norms or other vectors)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "bias" in name or "norm" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
 class EMA:

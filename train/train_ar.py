@@ -34,9 +34,9 @@ from hart.text_encoder import TextEncoder
 from hart.tokenizer import HybridTokenizer, TokenizerConfig
 from hart.transformer import HARTTransformer
 
-from .common import (EMA, Checkpointer, RunLog, batch_indices, clip_gradients, cosine_lr, load_config,
-                     make_accelerator, plot_curves, record_process_checksums, step_generator, StopSignal, unwrap,
-                     warm_start)
+from .common import (EMA, Checkpointer, RunLog, adamw_decaying_matrices, batch_indices, clip_gradients, cosine_lr,
+                     load_config, make_accelerator, plot_curves, record_process_checksums, step_generator,
+                     StopSignal, unwrap, warm_start)
 from .data import load_dataset
 from .metrics import save_grid
 
@@ -51,7 +51,6 @@ class ARTrainConfig:
     scales: tuple = ()                 # empty: the preset's schedule for this resolution
     init_from: str = ""                # pipeline folder whose transformer weights start this run (stage 2)
     init_partial: bool = False         # warm start: load only the tensors whose shapes match (new tokenizer)
-    head_only: bool = False            # train only the residual diffusion head; the AR transformer stays frozen
     split: str = "all"                 # data split trained on (all | train)
     caption_variation: bool = True
     batch_size: int = 32
@@ -276,12 +275,14 @@ def train(cfg: ARTrainConfig) -> dict:
     tf_cfg.patch_nums, tf_cfg.diffusion_batch_mul, tf_cfg.cond_drop_rate = scales, cfg.diffusion_batch_mul, cfg.cond_drop
     if cfg.residual_scale < 0:
         raise ValueError(f"--residual-scale must be positive (or 0 to keep the model's), got {cfg.residual_scale}")
+    init_config_path = Path(cfg.init_from) / "transformer" / "config.json"
+    if cfg.init_from and init_config_path.is_file():
+        # keep the warm-started head's shape (train_head may have deepened it) and units
+        init_config = read_json(init_config_path)
+        for name in ("diff_width", "diff_depth", "residual_scale"):
+            setattr(tf_cfg, name, init_config.get(name, getattr(tf_cfg, name)))
     if cfg.residual_scale:
         tf_cfg.residual_scale = cfg.residual_scale
-    elif cfg.init_from and (Path(cfg.init_from) / "transformer" / "config.json").is_file():
-        # keep the units the warm-started head was trained in
-        init_config = read_json(Path(cfg.init_from) / "transformer" / "config.json")
-        tf_cfg.residual_scale = init_config.get("residual_scale", tf_cfg.residual_scale)
 
     accelerator = make_accelerator(cfg.mixed_precision, log_dir=out)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -308,18 +309,7 @@ def train(cfg: ARTrainConfig) -> dict:
     for block in transformer.blocks:
         block.attn.use_sdpa = cfg.attn_impl == "sdpa"
     ema = EMA(transformer, cfg.ema_decay)
-    if cfg.head_only:
-        if not cfg.init_from:
-            raise ValueError("--head-only trains the residual head of a trained model: pass --init-from")
-        for name, p in transformer.named_parameters():
-            p.requires_grad_(name.startswith("diffloss."))
-    decay, no_decay = [], []
-    for name, p in transformer.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "bias" in name or "norm" in name else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = adamw_decaying_matrices(transformer, cfg.lr, cfg.weight_decay)
     config_dict = asdict(cfg)
     checkpointer = Checkpointer(out)
     start_step = 0

@@ -1,0 +1,224 @@
+"""Retrain, deepen or re-scale the residual diffusion head of a trained pipeline, everything else frozen.
+
+With the tokenizer and the AR transformer frozen, each image's head conditions (teacher-forced last
+hidden state plus the embedding of its true last-scale codes, as in `evaluate.residual_head_check`)
+and residual targets never change, so they are computed once per wording and cached; a step then
+runs the head alone, where `train_ar` runs the transformer forward on every step. One process.
+
+`--diff-width` other than the model's starts a new head; `--diff-depth` above the model's appends residual blocks whose zeroed modulation makes each one the
+identity at first, so training starts from the trained head's function. The log's `explained` is
+the share of the residual's variance that the head's temperature-0 sample explains on a fixed set
+of exact-caption tokens (the quantity that turns into residual gain in dB).
+
+    python -m train.train_head --model runs/ar128q/package --out runs/head128 --diff-depth 6 --steps 20000
+    python -m train.package --model runs/head128/model --name hart-emoji --out runs/head128/package
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+import copy
+import hashlib
+import json
+from pathlib import Path
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from hart.checkpoint import read_weights, write_weights
+from hart.diffusion import ResidualDiffusionHead
+from hart.pipeline import HARTPipeline
+from .common import (EMA, Checkpointer, RunLog, adamw_decaying_matrices, cosine_lr, load_config, make_accelerator,
+                     step_generator, StopSignal, unwrap)
+from .data import load_dataset
+
+
+@dataclass
+class HeadTrainConfig:
+    model: str = ""                    # pipeline folder (train_ar's model/ or a package)
+    data: str = "data/emoji"
+    out: str = "runs/head"
+    wordings: int = 2                  # conditions per image: its exact caption + (wordings - 1) varied ones
+    cond_drop: float = 0.1             # share of tokens conditioned on the empty prompt (CFG's other half)
+    diff_depth: int = 0                # 0: the model's; more: append identity-initialised blocks
+    diff_width: int = 0                # 0: the model's; another width starts a new head from scratch
+    residual_scale: float = 0.0        # 0: the model's; else the head models residual / this
+    batch_tokens: int = 1024
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup: int = 100
+    steps: int = 20000
+    ema_decay: float = 0.999
+    eval_tokens: int = 4096
+    seed: int = 0
+    mixed_precision: str = "auto"
+    log_every: int = 200
+    checkpoint_minutes: float = 10.0
+    max_minutes: float = 0.0
+    resume: bool = True
+
+
+PRESETS = {"default": HeadTrainConfig()}
+
+
+def deepen(head: ResidualDiffusionHead, depth: int) -> ResidualDiffusionHead:
+    """A copy of `head` with `depth` residual blocks; the added ones start as the identity."""
+    net = head.net
+    if depth < len(net.res_blocks):
+        raise ValueError(f"--diff-depth {depth} is below the model's head depth {len(net.res_blocks)}")
+    width, cond_dim = net.input_proj.out_features, net.cond_embed.in_features
+    grown = ResidualDiffusionHead(net.token_dim, cond_dim, width, depth, head.sampling_steps, head.residual_scale)
+    missing, unexpected = grown.load_state_dict(head.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("net.res_blocks.") for k in missing), (missing, unexpected)
+    return grown  # new blocks: initialize_weights zeroed their modulation, so gate = 0
+
+
+@torch.no_grad()
+def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: int, folder: Path,
+                    batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditions [W + 1, N, P^2, C] fp16, residuals [N, P^2, D]) for every image at `resolution`:
+    W wordings, then the empty prompt (zero text states and positions, as the sampler's
+    unconditional rows), cached on disk under a hash of the model weights, data and W."""
+    tf, tok = pipe.transformer, pipe.tokenizer
+    scales = pipe.schedules[resolution]
+    dataset = load_dataset(data, resolution, "all", caption_variation=True)
+    digest = hashlib.sha256(json.dumps([resolution, list(scales), wordings, dataset.source,
+                                        len(dataset.captions)]).encode())
+    for module in (tf, tok):
+        for k, v in sorted(module.state_dict().items()):
+            if not k.startswith("diffloss."):  # the head being trained does not change its inputs
+                digest.update(k.encode())
+                digest.update(v.detach().float().numpy().tobytes())
+    path = folder / f"head_{resolution}_{digest.hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        cached = read_weights(path)
+        return cached["conditions"], cached["residuals"].float()
+    n = len(dataset.captions)
+    conditions, residuals = [], []
+    for start in tqdm(range(0, n, batch), desc=f"head conditions {resolution}px"):
+        ids = range(start, min(n, start + batch))
+        indices, residual = tok.encode(torch.stack([dataset.image(i) for i in ids]), scales)
+        inputs = tok.quantize.teacher_forcing_inputs(indices, scales)
+        codes = tok.codebook[indices[-1]]
+        per_wording = []
+        for w in range(wordings):
+            dataset.set_epoch(w - 1)
+            texts = [dataset.captions[i]["text"] if w == 0 else dataset.caption(i) for i in ids]
+            states, _, positions = pipe.text_encoder(texts)
+            _, hidden_last, _ = tf(states, positions, inputs, scales)
+            per_wording.append(tf.diffusion_condition(hidden_last, codes).half())
+        _, hidden_last, _ = tf(torch.zeros_like(states), torch.zeros_like(positions), inputs, scales)
+        per_wording.append(tf.diffusion_condition(hidden_last, codes).half())
+        conditions.append(torch.stack(per_wording))
+        residuals.append(residual.half())
+    result = {"conditions": torch.cat(conditions, 1), "residuals": torch.cat(residuals)}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_weights(result, path)
+    return result["conditions"], result["residuals"].float()
+
+
+def ema_copy(ema: EMA, head: ResidualDiffusionHead) -> ResidualDiffusionHead:
+    """A new head holding the EMA weights (the trained one keeps its raw weights)."""
+    return ema.copy_to(copy.deepcopy(head)).eval().requires_grad_(False)
+
+
+def explained_variance(head: ResidualDiffusionHead, z: torch.Tensor, target: torch.Tensor) -> float:
+    with torch.no_grad():
+        predicted = head.sample(z.float(), temperature=0.0, generator=torch.Generator().manual_seed(0)).float()
+    return 1 - ((predicted - target).square().mean() / target.square().mean()).item()
+
+
+def train(cfg: HeadTrainConfig) -> dict:
+    if not cfg.model:
+        raise ValueError("--model is required: the pipeline folder whose head is retrained")
+    if cfg.wordings < 1 or cfg.batch_tokens < 1:
+        raise ValueError("--wordings and --batch-tokens must be at least 1")
+    if not 0 <= cfg.cond_drop < 1:
+        raise ValueError(f"--cond-drop must be in [0, 1), got {cfg.cond_drop}")
+    out = Path(cfg.out)
+    pipe = HARTPipeline.from_pretrained(cfg.model)
+    pipe.transformer.float().requires_grad_(False)
+    pipe.tokenizer.float()
+    tf_cfg = pipe.transformer.config
+    head = pipe.transformer.diffloss
+    if cfg.diff_width and cfg.diff_width != tf_cfg.diff_width:
+        head = ResidualDiffusionHead(head.net.token_dim, head.net.cond_embed.in_features, cfg.diff_width,
+                                     cfg.diff_depth or tf_cfg.diff_depth, head.sampling_steps, head.residual_scale)
+    elif cfg.diff_depth and cfg.diff_depth != tf_cfg.diff_depth:
+        head = deepen(head, cfg.diff_depth)
+    if cfg.residual_scale:
+        head.residual_scale = cfg.residual_scale
+    head.requires_grad_(True).train()
+
+    z_parts, target_parts = [], []
+    for resolution in pipe.resolutions:  # every resolution's tokens, one pool
+        conditions, residuals = head_conditions(pipe, cfg.data, resolution, cfg.wordings, out / "cache")
+        z_parts.append(conditions.flatten(1, 2))       # [W + 1, N * P^2, C]
+        target_parts.append(residuals.flatten(0, 1))    # [N * P^2, D]
+    z_all, targets = torch.cat(z_parts, 1), torch.cat(target_parts)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    eval_ids = torch.randperm(len(targets), generator=gen)[:cfg.eval_tokens]
+
+    accelerator = make_accelerator(cfg.mixed_precision, log_dir=out)
+    ema = EMA(head, cfg.ema_decay)
+    optimizer = adamw_decaying_matrices(head, cfg.lr, cfg.weight_decay)
+    config_dict = asdict(cfg)
+    checkpointer = Checkpointer(out)
+    start_step = 0
+    latest = checkpointer.latest() if cfg.resume else None
+    if latest is not None:
+        start_step = Checkpointer.load(latest, head, ema, optimizer, cfg)["step"]
+        accelerator.print(f"resumed from {latest} at step {start_step}")
+    model, optimizer = accelerator.prepare(head, optimizer)
+    log = RunLog(out, accelerator, start_step)
+    started = last_ckpt = time.time()
+    step = start_step
+    if start_step == 0:
+        log.write(0, explained=round(explained_variance(head, z_all[0, eval_ids], targets[eval_ids]), 4))
+    with StopSignal(accelerator) as stop:
+        for step in tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="head"):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup)
+            g = step_generator(cfg.seed, step)
+            picked = torch.randint(0, len(targets), (cfg.batch_tokens,), generator=g)
+            wording = torch.randint(0, cfg.wordings, (cfg.batch_tokens,), generator=g)
+            wording[torch.rand(cfg.batch_tokens, generator=g) < cfg.cond_drop] = cfg.wordings  # empty prompt
+            model.train()
+            with accelerator.autocast():
+                loss = unwrap(accelerator, model).loss(targets[picked], z_all[wording, picked].float(), generator=g)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            ema.update(unwrap(accelerator, model), step)
+            if (step + 1) % cfg.log_every == 0:
+                with accelerator.autocast():
+                    explained = explained_variance(ema_copy(ema, head), z_all[0, eval_ids], targets[eval_ids])
+                log.write(step + 1, loss=round(loss.item(), 5), explained=round(explained, 4),
+                          lr=round(optimizer.param_groups[0]["lr"], 7))
+            done = step + 1 == cfg.steps
+            out_of_time = (cfg.max_minutes and (time.time() - started) / 60 >= cfg.max_minutes) or stop.requested()
+            if done or out_of_time or (time.time() - last_ckpt) / 60 >= cfg.checkpoint_minutes:
+                checkpointer.save(step + 1, unwrap(accelerator, model), ema, optimizer, config_dict)
+                last_ckpt = time.time()
+            if out_of_time:
+                break
+    if stop.received is not None:
+        return stop.finish(step + 1)
+    trained = ema_copy(ema, head)
+    pipe.transformer.diffloss = trained
+    tf_cfg.diff_width, tf_cfg.diff_depth = trained.net.input_proj.out_features, len(trained.net.res_blocks)
+    tf_cfg.residual_scale = trained.residual_scale
+    pipe.save_pretrained(out / "model")
+    records = log.records()
+    return {"step": step + 1, **(records[-1] if records else {})}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(HeadTrainConfig, PRESETS, argv, __doc__)
+    print(json.dumps(train(cfg)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
