@@ -1,5 +1,5 @@
 import sys, torch, time
-sys.path.insert(0, '/work/main')
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[2]))  # repo root
 from hart.diffusion import ResidualDiffusionHead
 torch.set_num_threads(2); torch.manual_seed(0)
 d = torch.load(sys.argv[1]); width, depth, minutes, mul = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])

@@ -1,6 +1,6 @@
 """Precompute teacher-forced head conditions z and residual targets for every dataset image."""
 import sys, torch, time
-sys.path.insert(0, '/work/main')
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[2]))  # repo root
 from hart.pipeline import HARTPipeline
 from train.data import load_dataset
 model, res, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -8,7 +8,7 @@ torch.set_num_threads(2)
 pipe = HARTPipeline.from_pretrained(model)
 tf, tok = pipe.transformer, pipe.tokenizer
 scales = pipe.schedules[res]
-ds = load_dataset('/work/main/data/emoji', res, 'all', 0.05, 0, caption_variation=False)
+ds = load_dataset('data/emoji', res, 'all', 0.05, 0, caption_variation=False)
 n = len(ds.captions)
 Z, T, H = [], [], []
 t0 = time.time()

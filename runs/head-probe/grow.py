@@ -1,13 +1,13 @@
 """Grow the shipped head by appending zero-gated blocks (identity at start), train on cached conditions."""
 import sys, torch, time
-sys.path.insert(0, '/work/main')
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[2]))  # repo root
 from hart.diffusion import ResidualDiffusionHead, ResBlock
 from hart.checkpoint import read_weights
 torch.set_num_threads(int(sys.argv[5]) if len(sys.argv) > 5 else 1); torch.manual_seed(0)
 d = torch.load(sys.argv[1]); extra, minutes, lr = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 z = d['z'].float().flatten(0, 1); y = d['target'].float().flatten(0, 1)
 head = ResidualDiffusionHead(y.shape[1], z.shape[1], 256, 3, 8, d['scale'])
-w = read_weights('/work/main/assets/hart-emoji/transformer/model.safetensors')
+w = read_weights('assets/hart-emoji/transformer/model.safetensors')
 head.load_state_dict({k[len('diffloss.'):]: v.float() for k, v in w.items() if k.startswith('diffloss.')})
 for _ in range(extra):
     b = ResBlock(256); torch.nn.init.zeros_(b.adaLN_modulation[-1].weight); torch.nn.init.zeros_(b.adaLN_modulation[-1].bias)
