@@ -188,6 +188,15 @@ def cosine_lr(step: int, total: int, warmup: int, min_ratio: float = 0.05) -> fl
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def hash_weights(digest, module: nn.Module, skip_prefix: str | None = None) -> None:
+    """Feed every tensor of `module` (name and values, in name order) into a hashlib digest, so a
+    cache file named by the digest is rebuilt when the weights change."""
+    for k, v in sorted(module.state_dict().items()):
+        if skip_prefix is None or not k.startswith(skip_prefix):
+            digest.update(k.encode())
+            digest.update(v.detach().float().cpu().numpy().tobytes())
+
+
 def adamw_decaying_matrices(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, with weight decay on weight matrices only (not on
     biases, norms or other vectors)."""

@@ -35,8 +35,8 @@ from hart.tokenizer import HybridTokenizer, TokenizerConfig
 from hart.transformer import HARTTransformer
 
 from .common import (EMA, Checkpointer, RunLog, adamw_decaying_matrices, batch_indices, clip_gradients, cosine_lr,
-                     load_config, make_accelerator, plot_curves, record_process_checksums, step_generator,
-                     StopSignal, unwrap, warm_start)
+                     hash_weights, load_config, make_accelerator, plot_curves, record_process_checksums,
+                     step_generator, StopSignal, unwrap, warm_start)
 from .data import load_dataset
 from .metrics import save_grid
 
@@ -99,9 +99,7 @@ class TokenCache:
 
     def __init__(self, tokenizer: HybridTokenizer, dataset, scales, folder: Path):
         digest = hashlib.sha256()
-        for k, v in sorted(tokenizer.state_dict().items()):
-            digest.update(k.encode())
-            digest.update(v.detach().float().cpu().numpy().tobytes())
+        hash_weights(digest, tokenizer)
         digest.update(json.dumps([list(scales), dataset.resolution, dataset.source, len(dataset.captions)]).encode())
         self.path = Path(folder) / f"tokens_{digest.hexdigest()[:16]}.safetensors"
         self.scales = list(scales)

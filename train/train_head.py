@@ -29,8 +29,8 @@ from tqdm import tqdm
 from hart.checkpoint import read_weights, write_weights
 from hart.diffusion import ResidualDiffusionHead
 from hart.pipeline import HARTPipeline
-from .common import (EMA, Checkpointer, RunLog, adamw_decaying_matrices, cosine_lr, load_config, make_accelerator,
-                     step_generator, StopSignal, unwrap)
+from .common import (EMA, Checkpointer, RunLog, adamw_decaying_matrices, cosine_lr, hash_weights, load_config,
+                     make_accelerator, step_generator, StopSignal, unwrap)
 from .data import load_dataset
 
 
@@ -86,10 +86,7 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
     digest = hashlib.sha256(json.dumps([resolution, list(scales), wordings, dataset.source,
                                         len(dataset.captions)]).encode())
     for module in (tf, tok):
-        for k, v in sorted(module.state_dict().items()):
-            if not k.startswith("diffloss."):  # the head being trained does not change its inputs
-                digest.update(k.encode())
-                digest.update(v.detach().float().numpy().tobytes())
+        hash_weights(digest, module, skip_prefix="diffloss.")  # the head trained does not change its inputs
     path = folder / f"head_{resolution}_{digest.hexdigest()[:16]}.safetensors"
     if path.is_file():
         cached = read_weights(path)
@@ -184,7 +181,6 @@ def train(cfg: HeadTrainConfig) -> dict:
             picked = torch.randint(0, len(targets), (cfg.batch_tokens,), generator=g)
             wording = torch.randint(0, cfg.wordings, (cfg.batch_tokens,), generator=g)
             wording[torch.rand(cfg.batch_tokens, generator=g) < cfg.cond_drop] = cfg.wordings  # empty prompt
-            model.train()
             with accelerator.autocast():
                 loss = unwrap(accelerator, model).loss(targets[picked], z_all[wording, picked].float(), generator=g)
             optimizer.zero_grad(set_to_none=True)
