@@ -147,6 +147,7 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
 
     cond, pooled = transformer.embed_context(context)
     lvl = transformer.lvl_embed(torch.arange(S, device=device))
+    text_level = transformer.text_level(lvl[:1], P)
     cache = transformer.new_cache(rows, Lc, sizes, dtype, device)
     head_dim, theta = transformer.config.head_dim, transformer.config.rope_theta
     offset = position_ids[:, -1]
@@ -160,15 +161,15 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
             # the unconditional half of the prefix is the same for every prompt: run the text
             # prefix for the B conditional rows only and copy the kept unconditional one in
             angles = text_rope_angles(position_ids[:B], head_dim, theta)
-            hidden = transformer.step(cond[:B] + lvl[0], angles, cache.rows(0, B))[:, -1:]
-            keys, values, uncond_hidden = transformer.unconditional_prefix(Lc, dtype, device)
+            hidden = transformer.step(cond[:B] + text_level, angles, cache.rows(0, B))[:, -1:]
+            keys, values, uncond_hidden = transformer.unconditional_prefix(Lc, dtype, device, P)
             for layer in range(len(keys)):
                 cache.keys[layer][B:, :, :Lc] = keys[layer]
                 cache.values[layer][B:, :, :Lc] = values[layer]
             cache.length = Lc
             hidden = torch.cat([hidden, uncond_hidden.expand(B, -1, -1)])
         elif si == 0:
-            hidden = transformer.step(cond + lvl[0], text_rope_angles(position_ids, head_dim, theta), cache)
+            hidden = transformer.step(cond + text_level, text_rope_angles(position_ids, head_dim, theta), cache)
             hidden = hidden[:, -1:]  # the 1x1 token is predicted from the last text slot
         else:
             x = transformer.word_embed(next_input.to(dtype)) + lvl[si]

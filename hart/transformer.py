@@ -40,9 +40,11 @@ class TransformerConfig:
     cond_drop_rate: float = 0.1       # training: uniform draw per sample
     diffusion_batch_mul: int = 4      # training: repeats of each residual token
     residual_scale: float = RESIDUAL_SCALE  # residual / scale is what the head models: aim for std ~0.2
+    resolution_sides: tuple[int, ...] = ()  # finest-grid sides with a learned text-slot vector (text_level)
 
     def __post_init__(self):
         self.patch_nums = tuple(self.patch_nums)
+        self.resolution_sides = tuple(self.resolution_sides)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if (self.embed_dim // self.num_heads) % 4:
@@ -214,6 +216,9 @@ class HARTTransformer(nn.Module):
         self.decoder_norm = RMSNorm(C, cfg.norm_eps)
         self.diffloss = ResidualDiffusionHead(cfg.token_dim, C, cfg.diff_width, cfg.diff_depth,
                                               cfg.num_sampling_steps, cfg.residual_scale)
+        # not in the official model (none there): one vector per trained resolution, zero at first
+        self.resolution_embed = (nn.Parameter(torch.zeros(len(cfg.resolution_sides), C))
+                                 if cfg.resolution_sides else None)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -238,8 +243,18 @@ class HARTTransformer(nn.Module):
         cond = self.context_embed(self.context_norm(context))
         return cond, cond.max(dim=1, keepdim=True).values
 
-    def level_embedding(self, level: int, device) -> torch.Tensor:
-        return self.lvl_embed(torch.tensor([level], device=device))  # [1, C]
+    def text_level(self, level0: torch.Tensor, finest: int) -> torch.Tensor:
+        """What every text slot adds to its state: the level-0 embedding [1, C], plus the learned
+        vector of the nearest trained resolution (by finest-grid side) when the model has them.
+
+        The 1x1 token is predicted from the text slots alone, and the same image tokenizes to
+        different coarse tokens at different resolutions; without a resolution signal a model
+        trained at two resolutions must give the same first-token distribution at both."""
+        sides = self.config.resolution_sides
+        if not sides:
+            return level0
+        nearest = min(range(len(sides)), key=lambda i: abs(sides[i] - finest))
+        return level0 + self.resolution_embed[nearest].to(level0.dtype)
 
     def logits(self, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(hidden.float(), pooled.float())).float()
@@ -269,7 +284,8 @@ class HARTTransformer(nn.Module):
                            [torch.full((n,), k + 1, dtype=torch.long, device=device) for k, n in enumerate(lengths)])
         angles = sequence_rope_angles(position_ids, sizes, self.config.head_dim, self.config.rope_theta)
         lvl = self.lvl_embed(torch.arange(len(sizes), device=device))  # [S, C]
-        x = torch.cat([cond, self.word_embed(image_inputs)], dim=1) + lvl[levels][None]
+        x = torch.cat([cond + self.text_level(lvl[:1], sizes[-1]),
+                       self.word_embed(image_inputs) + lvl[levels[Lc:]]], dim=1)
         if keep_last is not None:  # drop last-scale tokens, keeping their positions and levels
             start = x.shape[1] - lengths[-1]
             keep = torch.cat([torch.arange(start, device=device).expand(B, -1), keep_last + start], dim=1)
@@ -290,13 +306,14 @@ class HARTTransformer(nn.Module):
         cfg = self.config
         return KVCache(cfg.depth, batch, cfg.num_heads, total, cfg.head_dim, dtype, device)
 
-    def unconditional_prefix(self, context_len: int, dtype, device) -> tuple[list, list, torch.Tensor]:
+    def unconditional_prefix(self, context_len: int, dtype, device, finest: int) -> tuple[list, list, torch.Tensor]:
         """Keys, values (per block, [1, H, Lc, d]) and last hidden state [1, 1, C] of the CFG
-        unconditional prefix: all-zero text states at zero positions, the same for every prompt.
+        unconditional prefix: all-zero text states at zero positions, the same for every prompt
+        (at one resolution: `finest` is the schedule's last side, see text_level).
 
         Computed once and kept until a weight changes (in place or swapped), the autocast
         setting changes, or another length, dtype or device is asked for."""
-        key = (context_len, dtype, device, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+        key = (context_len, dtype, device, finest if self.config.resolution_sides else 0, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
                tuple((p.data_ptr(), p._version) for p in self.parameters()))
         memo = getattr(self, "_unconditional_prefix", None)
         if memo is None or memo[0] != key:
@@ -305,7 +322,8 @@ class HARTTransformer(nn.Module):
             cache = self.new_cache(1, context_len, (1,), dtype, device)
             angles = text_rope_angles(torch.zeros(1, context_len, dtype=torch.long, device=device),
                                       self.config.head_dim, self.config.rope_theta)
-            hidden = self.step(cond + self.level_embedding(0, device), angles, cache)
+            level0 = self.lvl_embed(torch.zeros(1, dtype=torch.long, device=device))
+            hidden = self.step(cond + self.text_level(level0, finest), angles, cache)
             memo = (key, cache.keys, cache.values, hidden[:, -1:])
             self._unconditional_prefix = memo
         return memo[1], memo[2], memo[3]

@@ -133,16 +133,56 @@ def test_kv_cache_sampling_matches_teacher_forcing(pipe, cfg):
     torch.testing.assert_close(cached, cond, atol=2e-4, rtol=2e-4)
 
 
+def test_resolution_vectors_tell_resolutions_apart_and_keep_cache_parity(pipe):
+    """Without a resolution signal the 1x1 token's logits come from the text alone, the same at
+    every resolution. With learned vectors (zero: the same model) they differ, and the
+    KV-cached sampler still gives the teacher-forced logits at each resolution, CFG included."""
+    import dataclasses
+    from hart.transformer import HARTTransformer
+    base = pipe.transformer
+    sides = tuple(pipe.schedules[r][-1] for r in pipe.resolutions)
+    tf = HARTTransformer(dataclasses.replace(base.config, resolution_sides=sides)).eval()
+    state = base.state_dict()
+    tf.load_state_dict({**state, "resolution_embed": torch.zeros(len(sides), base.config.embed_dim)})
+    states, _, positions = pipe.text_encoder(PROMPTS)
+    first = {}
+    for res in pipe.resolutions:
+        sizes = pipe.schedules[res]
+        opts = SamplingOptions(cfg=2.5, top_k=8, diffusion_steps=2)
+        plain = sample(base, pipe.tokenizer, states, positions, sizes, opts, torch.Generator().manual_seed(0),
+                       keep_logits=True)
+        zero = sample(tf, pipe.tokenizer, states, positions, sizes, opts, torch.Generator().manual_seed(0),
+                      keep_logits=True)
+        torch.testing.assert_close(torch.cat(zero.logits, 1), torch.cat(plain.logits, 1))
+    with torch.no_grad():
+        tf.resolution_embed.normal_(generator=torch.Generator().manual_seed(1))
+    for res in pipe.resolutions:
+        sizes = pipe.schedules[res]
+        out = sample(tf, pipe.tokenizer, states, positions, sizes, SamplingOptions(cfg=2.5, top_k=8, diffusion_steps=2),
+                     torch.Generator().manual_seed(0), keep_logits=True)
+        with torch.no_grad():
+            inputs = pipe.tokenizer.quantize.teacher_forcing_inputs(out.indices, sizes)
+            cond, _, _ = tf(states, positions, inputs, sizes)
+            uncond, _, _ = tf(torch.zeros_like(states), torch.zeros_like(positions), inputs, sizes)
+        ramp = torch.tensor(guidance_ramp(2.5, len(sizes)))
+        per_token = torch.cat([ramp[k].expand(s * s) for k, s in enumerate(sizes)])[None, :, None]
+        torch.testing.assert_close(torch.cat(out.logits, 1), (1 + per_token) * cond - per_token * uncond,
+                                   atol=2e-4, rtol=2e-4)
+        first[res] = out.logits[0]
+    low, high = pipe.resolutions
+    assert (first[low] - first[high]).abs().max() > 1e-2
+
+
 def test_unconditional_prefix_is_kept_until_a_weight_changes(pipe):
     tf = pipe.transformer
     with torch.no_grad():
-        keys, _, hidden = tf.unconditional_prefix(16, torch.float32, torch.device("cpu"))
-        again, _, _ = tf.unconditional_prefix(16, torch.float32, torch.device("cpu"))
+        keys, _, hidden = tf.unconditional_prefix(16, torch.float32, torch.device("cpu"), 4)
+        again, _, _ = tf.unconditional_prefix(16, torch.float32, torch.device("cpu"), 4)
         assert again[0] is keys[0]  # reused, not recomputed
         weight = tf.blocks[0].attn.proj.weight
         weight.mul_(1.5)  # an in-place update (an optimizer step, a load) must invalidate it
         try:
-            changed, _, changed_hidden = tf.unconditional_prefix(16, torch.float32, torch.device("cpu"))
+            changed, _, changed_hidden = tf.unconditional_prefix(16, torch.float32, torch.device("cpu"), 4)
         finally:
             weight.div_(1.5)
         assert changed[0] is not keys[0] and not torch.equal(changed_hidden, hidden)

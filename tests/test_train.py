@@ -294,7 +294,8 @@ def test_stage_two_replays_the_stage_one_resolution(shapes_data, tiny_tokenizer,
     monkeypatch.setattr(ARLoss, "forward", spy)
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "s2", resolution=64, steps=7, checkpoint_every=7,
                        init_from=str(tmp_path / "s1" / "model"), drop_last_scale=True, drop_min_keep=4,
-                       replay_resolution=32, replay_every=3, log_every=2))
+                       replay_resolution=32, replay_every=3, log_every=2, resolution_embed=True,
+                       first_token_weight=8.0))
     # every third step trains at 32 px on all its tokens; the others at 64 px with dropping
     assert seen == [((1, 2, 3, 4), True) if i % 3 == 0 else ((1, 2, 4, 6, 8), False) for i in range(7)]
     # a log line reports the replay steps' accuracy only when replay steps ran since the previous line
@@ -304,6 +305,10 @@ def test_stage_two_replays_the_stage_one_resolution(shapes_data, tiny_tokenizer,
     assert all(0.0 <= line["replay_acc"] <= 1.0 for line in lines[:2])
     pipe = HARTPipeline.from_pretrained(tmp_path / "s2" / "model")
     assert pipe.resolutions == [32, 64]
+    # stage 1 had no resolution vectors: they start at zero and train, one per resolution
+    assert pipe.transformer.config.resolution_sides == (4, 8)
+    vectors = pipe.transformer.resolution_embed.detach()
+    assert vectors.shape[0] == 2 and (vectors.abs().amax(1) > 0).all()
     assert pipe("red square", resolution=32, seed=0).images[0].size == (32, 32)
 
 

@@ -197,15 +197,22 @@ def hash_weights(digest, module: nn.Module, skip_prefix: str | None = None) -> N
             digest.update(v.detach().float().cpu().numpy().tobytes())
 
 
-def adamw_decaying_matrices(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def adamw_decaying_matrices(module: nn.Module, lr: float, weight_decay: float,
+                            lr_multipliers: dict[str, float] | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, with weight decay on weight matrices only (not on
-    biases, norms or other vectors)."""
-    decay, no_decay = [], []
+    biases, norms or other vectors). Parameters named in `lr_multipliers` get a group of their own,
+    without decay, whose "lr_multiplier" the training loop applies to the scheduled lr."""
+    lr_multipliers = lr_multipliers or {}
+    decay, no_decay, own = [], [], []
     for name, p in module.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if name in lr_multipliers:
+            own.append({"params": [p], "weight_decay": 0.0, "lr_multiplier": lr_multipliers[name]})
+        else:
             (no_decay if p.ndim < 2 or "bias" in name or "norm" in name else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+                              {"params": no_decay, "weight_decay": 0.0}] + own, lr=lr, betas=(0.9, 0.95))
 
 
 class EMA:
@@ -356,15 +363,20 @@ def plot_curves(records: list[dict], keys: list[str], path: Path, size=(640, 360
     img.save(path)
 
 
-def warm_start(module: nn.Module, src: Path, partial: bool, accelerator) -> None:
-    """Load `src` into a fresh module: strictly, or (partial) only the tensors whose shapes match."""
+def warm_start(module: nn.Module, src: Path, partial: bool, accelerator, may_be_new: tuple[str, ...] = ()) -> None:
+    """Load `src` into a fresh module: strictly, or (partial) only the tensors whose shapes match.
+    Tensors named in `may_be_new` keep their fresh values when `src` lacks them (a strict load
+    otherwise: e.g. a resolution vector added to a model trained without one)."""
+    state = read_weights(src)
     if partial:
-        fresh = load_matching(module, read_weights(src))
+        fresh = load_matching(module, state)
         accelerator.print(f"initialised from {src}; {len(fresh)} tensors of other shapes left fresh: "
                           + ", ".join(fresh))
-    else:
-        load_into(module, read_weights(src), str(src))
-        accelerator.print(f"initialised from {src}")
+        return
+    added = [name for name, value in module.state_dict().items() if name in may_be_new and name not in state]
+    state.update({name: module.state_dict()[name] for name in added})
+    load_into(module, state, str(src))
+    accelerator.print(f"initialised from {src}" + (f"; new, left as initialised: {', '.join(added)}" if added else ""))
 
 
 def clip_gradients(accelerator, model: nn.Module, max_norm: float) -> torch.Tensor:

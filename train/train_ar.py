@@ -68,6 +68,8 @@ class ARTrainConfig:
     drop_min_keep: int = 16
     replay_resolution: int = 0         # stage 2: also train at this (stage-1) resolution ...
     replay_every: int = 0              # ... on every n-th step, so one model keeps both resolutions
+    resolution_embed: bool = False     # with replay: a learned text-slot vector per resolution (text_level)
+    first_token_weight: float = 1.0    # cross-entropy weight of the 1x1 token against 1 for every other token
     attn_impl: str = "math"            # math | sdpa (math is faster for masked backward on CPU)
     mixed_precision: str = "auto"
     cfg_default: float = 3.0           # sampling defaults stored with the model
@@ -81,12 +83,14 @@ class ARTrainConfig:
     resume: bool = True
 
 
+RESOLUTION_EMBED_LR_MULTIPLIER = 20.0
+
 PRESETS = {
     "tiny": ARTrainConfig(model_preset="tiny", resolution=32, batch_size=8, steps=30, warmup=5, log_every=5,
                           eval_every=30, checkpoint_every=15, diffusion_batch_mul=2),
     "emoji-64": ARTrainConfig(),
     "emoji-128": ARTrainConfig(resolution=128, batch_size=16, steps=4000, lr=3e-4, warmup=100,
-                               drop_last_scale=True, replay_resolution=64, replay_every=4),
+                               drop_last_scale=True, replay_resolution=64, replay_every=4, resolution_embed=True),
 }
 
 
@@ -180,7 +184,11 @@ class ARLoss(nn.Module):
             last_targets = last_targets.gather(1, keep)
             rest_kept = rest.gather(1, keep[..., None].expand(-1, -1, rest.shape[-1]))
         all_targets = torch.cat([targets[:, :-scales[-1] ** 2], last_targets], 1)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), all_targets.flatten())
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), all_targets.flatten(), reduction="none")
+        per_token = per_token.view(all_targets.shape)
+        ce = per_token.mean()
+        w = self.cfg.first_token_weight  # the 1x1 token is one of hundreds: let it count more if asked
+        objective = ce if w == 1 else (w * per_token[:, 0] + per_token[:, 1:].sum(1)).mean() / (w + per_token.shape[1] - 1)
         n_last = hidden_last.shape[1]
         with torch.no_grad():  # condition on the model's own sampled tokens, as at inference
             probs = logits[:, -n_last:].detach().float().softmax(-1)
@@ -191,7 +199,7 @@ class ARLoss(nn.Module):
         mul = self.cfg.diffusion_batch_mul
         diff = tf.diffloss.loss(target.repeat(mul, 1), z.flatten(0, 1).repeat(mul, 1), generator=generator)
         accuracy = (logits.argmax(-1) == all_targets).float().mean()
-        return ce + self.cfg.diffusion_weight * diff, ce.detach(), diff.detach(), accuracy
+        return objective + self.cfg.diffusion_weight * diff, ce.detach(), diff.detach(), accuracy
 
 
 # ------------------------------------------------------------------ helpers
@@ -277,10 +285,13 @@ def train(cfg: ARTrainConfig) -> dict:
     if cfg.init_from and init_config_path.is_file():
         # keep the warm-started head's shape (train_head may have deepened it) and units
         init_config = read_json(init_config_path)
-        for name in ("diff_width", "diff_depth", "residual_scale"):
+        for name in ("diff_width", "diff_depth", "residual_scale", "resolution_sides"):
             setattr(tf_cfg, name, init_config.get(name, getattr(tf_cfg, name)))
     if cfg.residual_scale:
         tf_cfg.residual_scale = cfg.residual_scale
+    if cfg.resolution_embed and cfg.replay_every:
+        trained = {scales[-1], schedule_for(cfg, cfg.replay_resolution)[-1]}
+        tf_cfg.resolution_sides = tuple(sorted(trained | set(tf_cfg.resolution_sides)))
 
     accelerator = make_accelerator(cfg.mixed_precision, log_dir=out)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -303,11 +314,13 @@ def train(cfg: ARTrainConfig) -> dict:
     transformer = HARTTransformer(tf_cfg)
     if cfg.init_from:
         src = Path(cfg.init_from) / "transformer" / "model.safetensors"
-        warm_start(transformer, src, cfg.init_partial, accelerator)
+        warm_start(transformer, src, cfg.init_partial, accelerator, may_be_new=("resolution_embed",))
     for block in transformer.blocks:
         block.attn.use_sdpa = cfg.attn_impl == "sdpa"
     ema = EMA(transformer, cfg.ema_decay)
-    optimizer = adamw_decaying_matrices(transformer, cfg.lr, cfg.weight_decay)
+    # a new zero vector must grow to the level embeddings' size (norm ~3) in a few hundred steps
+    optimizer = adamw_decaying_matrices(transformer, cfg.lr, cfg.weight_decay,
+                                        {"resolution_embed": RESOLUTION_EMBED_LR_MULTIPLIER})
     config_dict = asdict(cfg)
     checkpointer = Checkpointer(out)
     start_step = 0
@@ -333,7 +346,7 @@ def train(cfg: ARTrainConfig) -> dict:
         for step in bar:
             lr_scale = cosine_lr(step, cfg.steps, cfg.warmup)
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_scale
+                group["lr"] = cfg.lr * lr_scale * group.get("lr_multiplier", 1.0)
             gen = step_generator(cfg.seed, step, rank)
             # replay steps (step % replay_every == 0) never coincide with a logged step
             is_replay = replay is not None and step % cfg.replay_every == 0
