@@ -17,9 +17,16 @@ def test_bundled_model_size_limit():
     assert total <= 60 * 2 ** 20
 
 
-def test_bundled_model_generates_emoji_like_images(pipe):
-    result = pipe(["red apple", "grinning face"], seed=0)
+def test_bundled_model_has_two_resolutions(pipe):
+    assert pipe.resolutions == [64, 128]
+    assert pipe.transformer.config.resolution_sides == (8, 16)
+
+
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_bundled_model_generates_emoji_like_images(pipe, resolution):
+    result = pipe(["red apple", "grinning face"], seed=0, resolution=resolution)
     for image in result.images:
+        assert image.size == (resolution, resolution)
         pixels = np.asarray(image).astype(np.float32) / 255
         border = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3)])
         # emoji sit centred on white: a light border and a coloured, non-flat middle

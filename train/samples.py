@@ -1,7 +1,7 @@
 """Sample grids for the model card and README: one row per prompt, discrete-only and hybrid
 columns per resolution (so a 64 -> 128 comparison sits in the same row when the model has both).
 
-    python -m train.samples --model assets/hart-emoji --out assets/samples.png
+    python -m train.samples --model assets/hart-emoji --out assets/samples-64-128.png
 """
 from __future__ import annotations
 
