@@ -313,7 +313,8 @@ class HARTTransformer(nn.Module):
 
         Computed once and kept until a weight changes (in place or swapped), the autocast
         setting changes, or another length, dtype or device is asked for."""
-        key = (context_len, dtype, device, finest if self.config.resolution_sides else 0, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+        side = finest if self.config.resolution_sides else 0  # without vectors one prefix serves all
+        key = (context_len, dtype, device, side, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
                tuple((p.data_ptr(), p._version) for p in self.parameters()))
         memo = getattr(self, "_unconditional_prefix", None)
         if memo is None or memo[0] != key:
