@@ -201,7 +201,7 @@ def adamw_decaying_matrices(module: nn.Module, lr: float, weight_decay: float,
                             lr_multipliers: dict[str, float] | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, with weight decay on weight matrices only (not on
     biases, norms or other vectors). Parameters named in `lr_multipliers` get a group of their own,
-    without decay, whose "lr_multiplier" the training loop applies to the scheduled lr."""
+    without decay, whose "lr_multiplier" `set_lr` applies to the scheduled lr."""
     lr_multipliers = lr_multipliers or {}
     decay, no_decay, own = [], [], []
     for name, p in module.named_parameters():
@@ -213,6 +213,12 @@ def adamw_decaying_matrices(module: nn.Module, lr: float, weight_decay: float,
             (no_decay if p.ndim < 2 or "bias" in name or "norm" in name else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}] + own, lr=lr, betas=(0.9, 0.95))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled lr for every group, times the group's own multiplier (adamw_decaying_matrices)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_multiplier", 1.0)
 
 
 class EMA:
@@ -373,8 +379,9 @@ def warm_start(module: nn.Module, src: Path, partial: bool, accelerator, may_be_
         accelerator.print(f"initialised from {src}; {len(fresh)} tensors of other shapes left fresh: "
                           + ", ".join(fresh))
         return
-    added = [name for name, value in module.state_dict().items() if name in may_be_new and name not in state]
-    state.update({name: module.state_dict()[name] for name in added})
+    fresh = module.state_dict()
+    added = [name for name in may_be_new if name in fresh and name not in state]
+    state.update({name: fresh[name] for name in added})
     load_into(module, state, str(src))
     accelerator.print(f"initialised from {src}" + (f"; new, left as initialised: {', '.join(added)}" if added else ""))
 

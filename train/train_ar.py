@@ -34,9 +34,9 @@ from hart.text_encoder import TextEncoder
 from hart.tokenizer import HybridTokenizer, TokenizerConfig
 from hart.transformer import HARTTransformer
 
-from .common import (EMA, Checkpointer, RunLog, adamw_decaying_matrices, batch_indices, clip_gradients, cosine_lr,
-                     hash_weights, load_config, make_accelerator, plot_curves, record_process_checksums,
-                     step_generator, StopSignal, unwrap, warm_start)
+from .common import (adamw_decaying_matrices, batch_indices, Checkpointer, clip_gradients, cosine_lr, EMA,
+                     hash_weights, load_config, make_accelerator, plot_curves, record_process_checksums, RunLog,
+                     set_lr, step_generator, StopSignal, unwrap, warm_start)
 from .data import load_dataset
 from .metrics import save_grid
 
@@ -188,7 +188,8 @@ class ARLoss(nn.Module):
         per_token = per_token.view(all_targets.shape)
         ce = per_token.mean()
         w = self.cfg.first_token_weight  # the 1x1 token is one of hundreds: let it count more if asked
-        objective = ce if w == 1 else (w * per_token[:, 0] + per_token[:, 1:].sum(1)).mean() / (w + per_token.shape[1] - 1)
+        objective = ce if w == 1 else ((w * per_token[:, 0] + per_token[:, 1:].sum(1)).mean()
+                                       / (w + per_token.shape[1] - 1))
         n_last = hidden_last.shape[1]
         with torch.no_grad():  # condition on the model's own sampled tokens, as at inference
             probs = logits[:, -n_last:].detach().float().softmax(-1)
@@ -345,8 +346,7 @@ def train(cfg: ARTrainConfig) -> dict:
     with StopSignal(accelerator) as stop:
         for step in bar:
             lr_scale = cosine_lr(step, cfg.steps, cfg.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_scale * group.get("lr_multiplier", 1.0)
+            set_lr(optimizer, cfg.lr * lr_scale)
             gen = step_generator(cfg.seed, step, rank)
             # replay steps (step % replay_every == 0) never coincide with a logged step
             is_replay = replay is not None and step % cfg.replay_every == 0

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from hart.checkpoint import read_weights, write_weights
 from hart.diffusion import ResidualDiffusionHead
 from hart.pipeline import HARTPipeline
-from .common import (EMA, Checkpointer, RunLog, adamw_decaying_matrices, cosine_lr, hash_weights, load_config,
-                     make_accelerator, step_generator, StopSignal, unwrap)
+from .common import (adamw_decaying_matrices, Checkpointer, cosine_lr, EMA, hash_weights, load_config,
+                     make_accelerator, RunLog, set_lr, step_generator, StopSignal, unwrap)
 from .data import load_dataset
 
 
@@ -175,8 +175,7 @@ def train(cfg: HeadTrainConfig) -> dict:
         log.write(0, explained=round(explained_variance(head, z_all[0, eval_ids], targets[eval_ids]), 4))
     with StopSignal(accelerator) as stop:
         for step in tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="head"):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup)
+            set_lr(optimizer, cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup))
             g = step_generator(cfg.seed, step)
             picked = torch.randint(0, len(targets), (cfg.batch_tokens,), generator=g)
             wording = torch.randint(0, cfg.wordings, (cfg.batch_tokens,), generator=g)

@@ -27,8 +27,8 @@ from hart.checkpoint import config_from_dict, read_json, write_json, write_weigh
 from hart.presets import get_preset
 from hart.tokenizer import HybridTokenizer, TokenizerConfig
 
-from .common import (Checkpointer, RunLog, batch_indices, clip_gradients, cosine_lr, load_config,
-                     make_accelerator, plot_curves, record_process_checksums, step_generator, StopSignal, unwrap,
+from .common import (batch_indices, Checkpointer, clip_gradients, cosine_lr, load_config, make_accelerator,
+                     plot_curves, record_process_checksums, RunLog, set_lr, step_generator, StopSignal, unwrap,
                      warm_start)
 from .data import load_dataset
 from .metrics import psnr, save_grid, ssim
@@ -297,8 +297,7 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     step = start_step
     with StopSignal(accelerator) as stop:
         for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup)
+            set_lr(optimizer, cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup))
             gen = step_generator(cfg.seed, step, rank)
             resolution, batch_size, scales = plan[step % len(plan)]
             train_set = train_sets[resolution]
