@@ -253,7 +253,8 @@ class HARTPipeline:
                diffusion_steps: int | None = None, use_residual: bool = True, seed: int | None = None,
                num_images: int = 1, top_k: int | None = None, top_p: float | None = None,
                temperature: float | None = None, more_smooth: bool | None = None,
-               residual_temperature: float | None = None, previews: bool = True, decode_discrete: bool = True) -> Iterator[tuple[int, list[Image.Image]] | GenerationResult]:
+               residual_temperature: float | None = None, residual_cfg: float | None = None, previews: bool = True,
+               decode_discrete: bool = True) -> Iterator[tuple[int, list[Image.Image]] | GenerationResult]:
         """Yield (scale index, decoded preview images) after every scale, then the result.
 
         decode_discrete=False skips the second decoder pass (the discrete-only image beside the
@@ -262,7 +263,7 @@ class HARTPipeline:
             prompt, resolution, num_images, seed,
             dict(cfg=cfg, diffusion_steps=diffusion_steps, use_residual=use_residual, top_k=top_k,
                  top_p=top_p, temperature=temperature, more_smooth=more_smooth,
-                 residual_temperature=residual_temperature))
+                 residual_temperature=residual_temperature, residual_cfg=residual_cfg))
         generator = torch.Generator(self.device).manual_seed(seed)
         timings = {}
         # grad mode and autocast are thread-local, and a caller (e.g. gradio) may resume this

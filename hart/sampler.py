@@ -26,6 +26,9 @@ class SamplingOptions:
     # scales the residual head's per-step noise; below 1 the residual moves toward its
     # conditional mean (a small model's samples at 1 add texture the reference lacks)
     residual_temperature: float = 1.0
+    # guidance of the residual head; None = the last scale's cfg, as the official sampler. Guidance
+    # pulls a small head's temperature-0 residual away from its reference (runs/head-x0/NOTES.md)
+    residual_cfg: float | None = None
 
     def validate(self) -> None:
         checks = [
@@ -38,6 +41,8 @@ class SamplingOptions:
              f"diffusion_steps must be an integer in [1, 1000], got {self.diffusion_steps}"),
             (math.isfinite(self.residual_temperature) and self.residual_temperature >= 0,
              f"residual_temperature must be >= 0, got {self.residual_temperature}"),
+            (self.residual_cfg is None or (math.isfinite(self.residual_cfg) and self.residual_cfg >= 0),
+             f"residual_cfg must be None or a finite number >= 0, got {self.residual_cfg}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -200,12 +205,15 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
         fhat = fhat + codes
         if opts.use_residual:
             start = time.perf_counter()
+            head_cfg = t if opts.residual_cfg is None else opts.residual_cfg
+            head_guided = guided and head_cfg != 0  # unguided: the head runs the conditional rows only
             word = codebook[idx].to(dtype)
-            z = transformer.diffusion_condition(hidden, torch.cat([word, word]) if guided else word)
+            z = transformer.diffusion_condition(hidden if head_guided else hidden[:B],
+                                                torch.cat([word, word]) if head_guided else word)
             C = z.shape[-1]
             z_cond = z[:B].reshape(-1, C)
-            z_uncond = z[B:].reshape(-1, C) if guided else None
-            flat = transformer.diffloss.sample(z_cond, z_uncond, cfg=t, steps=opts.diffusion_steps,
+            z_uncond = z[B:].reshape(-1, C) if head_guided else None
+            flat = transformer.diffloss.sample(z_cond, z_uncond, cfg=head_cfg, steps=opts.diffusion_steps,
                                                temperature=opts.residual_temperature, generator=generator,
                                                noise=diffusion_noise)
             residual = flat.view(B, P * P, -1).to(fhat.dtype)

@@ -292,6 +292,23 @@ def test_pipeline_outputs_and_determinism(pipe):
     assert a.images[0].tobytes() != a.discrete_images[0].tobytes()
 
 
+def test_residual_cfg_sets_the_head_guidance_alone():
+    pipe = HARTPipeline.from_preset("tiny")
+    torch.manual_seed(0)
+    for param in pipe.transformer.diffloss.parameters():  # the zero-initialised head ignores its condition
+        if param.dim() == 2 and not param.any():
+            torch.nn.init.normal_(param, std=0.05)
+    base = pipe("red apple", seed=3, resolution=32, cfg=3.0)
+    unguided = pipe("red apple", seed=3, resolution=32, cfg=3.0, residual_cfg=0.0)
+    # the tokens (and so the discrete image) are unchanged; the head's residual is not
+    assert unguided.discrete_images[0].tobytes() == base.discrete_images[0].tobytes()
+    assert unguided.images[0].tobytes() != base.images[0].tobytes()
+    # by default the head gets the last scale's guidance: naming that value changes nothing
+    last = guidance_ramp(3.0, len(pipe.schedules[32]))[-1]
+    named = pipe("red apple", seed=3, resolution=32, cfg=3.0, residual_cfg=last)
+    assert named.images[0].tobytes() == base.images[0].tobytes()
+
+
 def test_residual_off_and_same_tokens(pipe):
     on = pipe("red apple", seed=3, resolution=32)
     off = pipe("red apple", seed=3, resolution=32, use_residual=False)
@@ -381,6 +398,7 @@ def test_warm_start_loads_matching_tensors_and_names_the_rest():
     (dict(cfg=float("nan")), "cfg"),
     (dict(temperature=0.0), "temperature"),
     (dict(residual_temperature=-0.5), "residual_temperature"),
+    (dict(residual_cfg=-1.0), "residual_cfg"),
     (dict(num_images=0), "num_images"),
 ])
 def test_bad_input_raises_clear_errors(pipe, kwargs, message):

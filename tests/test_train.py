@@ -384,19 +384,25 @@ def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):
     assert all(math.isfinite(check[k]) for k in ("true_residual_gain_db", "predicted_residual_gain_db"))
     rows = report["sweep"]["rows"]
     assert [(row["cfg"], row["top_k"]) for row in rows[:2]] == [(0.0, 0), (2.0, 0)]
-    assert len(rows) == 4 and rows[2]["top_k"] == 3 and all(0 <= row["score"] <= 1 for row in rows)
+    assert len(rows) == 5 and rows[2]["top_k"] == 3 and all(0 <= row["score"] <= 1 for row in rows)
     best = max(rows[:3], key=lambda row: row["score"])
-    # last, the residual temperature at the best tokens setting, chosen by residual gain
+
+    def gain(row):
+        return -1e9 if row["residual_gain_db"] is None else row["residual_gain_db"]
+    # then the residual temperature at the best tokens setting, chosen by residual gain
     assert (rows[3]["cfg"], rows[3]["top_k"], rows[3]["residual_temperature"]) == (best["cfg"], best["top_k"], 0.0)
-    gain = {row["residual_temperature"]: row["residual_gain_db"] if row["residual_gain_db"] is not None else -1e9
-            for row in (best, rows[3])}
-    temp = max(gain, key=gain.get)
-    assert report["sweep"]["best"] == {"cfg": best["cfg"], "top_k": best["top_k"], "residual_temperature": temp}
+    temp = max((best, rows[3]), key=gain)["residual_temperature"]
+    # last, the head's guidance (None: the last scale's cfg) at that temperature
+    assert rows[4] == dict(rows[4], cfg=best["cfg"], top_k=best["top_k"], residual_temperature=temp, residual_cfg=0.0)
+    at_temp = next(row for row in (best, rows[3]) if row["residual_temperature"] == temp)
+    assert at_temp["residual_cfg"] is None
+    head_cfg = max((at_temp, rows[4]), key=gain)["residual_cfg"]
+    chosen = {"cfg": best["cfg"], "top_k": best["top_k"], "residual_temperature": temp, "residual_cfg": head_cfg}
+    assert report["sweep"]["best"] == chosen
     # the chosen setting is the model's default from now on, and the report used it
     stored = json.loads((model / "model_index.json").read_text())["sampling"]
-    assert (stored["cfg"], stored["top_k"], stored["residual_temperature"]) == (best["cfg"], best["top_k"], temp)
-    assert report["sampling_defaults"]["cfg"] == best["cfg"]
-    assert report["sampling_defaults"]["residual_temperature"] == temp
+    assert {key: stored[key] for key in chosen} == chosen
+    assert {key: report["sampling_defaults"][key] for key in chosen} == chosen
 
 
 def test_evaluate_a_bare_tokenizer_at_every_resolution(shapes_data, tiny_tokenizer, tmp_path):

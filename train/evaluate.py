@@ -148,12 +148,16 @@ def sweep(pipe, prompt_sets_by_res: dict, databases: dict, references: dict, set
     """Hybrid top-1 for each sampling setting, per resolution and prompt set; `score` is the
     mean over all of them, `residual_gain_db` the mean residual gain (what the choice maximises)."""
     rows = []
+    stored_residual_cfg = pipe.sampling_defaults.residual_cfg
     for setting in settings:
         row = dict(setting)
+        # residual_cfg None (the last scale's cfg) is no call override, so it goes through the defaults
+        kwargs = dict(setting)
+        pipe.sampling_defaults.residual_cfg = kwargs.pop("residual_cfg", stored_residual_cfg)
         scores, gains = [], []
         for res, sets in prompt_sets_by_res.items():
             for name, prompts in sets.items():
-                r = generate_and_retrieve(pipe, prompts, res, databases[res], references[res], **setting)
+                r = generate_and_retrieve(pipe, prompts, res, databases[res], references[res], **kwargs)
                 row[f"{name}_top1" if len(prompt_sets_by_res) == 1 else f"{res}_{name}_top1"] = r["hybrid"]["top1"]
                 scores.append(r["hybrid"]["top1"])
                 if r["residual_gain_db"] is not None:
@@ -161,16 +165,18 @@ def sweep(pipe, prompt_sets_by_res: dict, databases: dict, references: dict, set
         row["score"] = round(statistics.fmean(scores), 4)
         row["residual_gain_db"] = round(statistics.fmean(gains), 3) if gains else None
         rows.append(row)
+    pipe.sampling_defaults.residual_cfg = stored_residual_cfg
     return rows
 
 
 def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2.0, 3.0, 4.5),
              top_ks: tuple = (0, 50, 10), residual_temperatures: tuple = (1.0, 0.5, 0.0), sweep_count: int = 100,
-             seed: int = 0, val_fraction: float = 0.05, choose_defaults: bool = False) -> dict:
+             seed: int = 0, val_fraction: float = 0.05, choose_defaults: bool = False,
+             residual_cfgs: tuple = (None, 0.0)) -> dict:
     """The report. With choose_defaults the sweep runs first on prompts disjoint from the
     reported ones: cfg, then top-k (both by retrieval top-1), then the residual head's noise
-    temperature (by residual gain). The best setting is written into the model's
-    model_index.json, and every reported number uses it."""
+    temperature and then its guidance (None: the last scale's cfg), both by residual gain. The
+    best setting is written into the model's model_index.json, and every reported number uses it."""
     pipe = HARTPipeline.from_pretrained(model)
     full, references, databases, sets, sweep_sets = {}, {}, {}, {}, {}
     for res in pipe.resolutions:
@@ -182,20 +188,30 @@ def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2
         # a dataset too small for two disjoint sets sweeps on the reported prompts (and says so)
         disjoint = all(len(v) > count for v in both.values())
         sweep_sets[res] = {k: v[count:] if disjoint else v[:sweep_count] for k, v in both.items()}
-    # cfg at the stored top-k, then top-k at the best cfg, then the residual temperature
-    top_k, temp = pipe.sampling_defaults.top_k, pipe.sampling_defaults.residual_temperature
+    # cfg at the stored top-k, then top-k at the best cfg, then the residual temperature, then its guidance
+    defaults = pipe.sampling_defaults
+    top_k, temp, head_cfg = defaults.top_k, defaults.residual_temperature, defaults.residual_cfg
     rows = sweep(pipe, sweep_sets, databases, references,
-                 [{"cfg": c, "top_k": top_k, "residual_temperature": temp} for c in cfgs])
+                 [{"cfg": c, "top_k": top_k, "residual_temperature": temp, "residual_cfg": head_cfg} for c in cfgs])
     best_cfg = max(rows, key=lambda r: r["score"])["cfg"]
     rows += sweep(pipe, sweep_sets, databases, references,
-                  [{"cfg": best_cfg, "top_k": k, "residual_temperature": temp} for k in top_ks if k != top_k])
+                  [{"cfg": best_cfg, "top_k": k, "residual_temperature": temp, "residual_cfg": head_cfg}
+                   for k in top_ks if k != top_k])
     best = max(rows, key=lambda r: r["score"])
+
+    def best_gain(candidates):
+        return max(candidates, key=lambda r: -1e9 if r["residual_gain_db"] is None else r["residual_gain_db"])
+
     rows += sweep(pipe, sweep_sets, databases, references,
-                  [{"cfg": best["cfg"], "top_k": best["top_k"], "residual_temperature": t}
+                  [{"cfg": best["cfg"], "top_k": best["top_k"], "residual_temperature": t, "residual_cfg": head_cfg}
                    for t in residual_temperatures if t != temp])
-    same_tokens = [r for r in rows if (r["cfg"], r["top_k"]) == (best["cfg"], best["top_k"])]
-    best = max(same_tokens, key=lambda r: -1e9 if r["residual_gain_db"] is None else r["residual_gain_db"])
-    chosen = {"cfg": best["cfg"], "top_k": best["top_k"], "residual_temperature": best["residual_temperature"]}
+    best = best_gain([r for r in rows if (r["cfg"], r["top_k"]) == (best["cfg"], best["top_k"])])
+    rows += sweep(pipe, sweep_sets, databases, references,
+                  [{"cfg": best["cfg"], "top_k": best["top_k"], "residual_temperature": best["residual_temperature"],
+                    "residual_cfg": g} for g in residual_cfgs if g != head_cfg])
+    best = best_gain([r for r in rows if (r["cfg"], r["top_k"], r["residual_temperature"])
+                      == (best["cfg"], best["top_k"], best["residual_temperature"])])
+    chosen = {key: best[key] for key in ("cfg", "top_k", "residual_temperature", "residual_cfg")}
     if choose_defaults:
         index_path = Path(model) / "model_index.json"
         index = json.loads(index_path.read_text())
@@ -250,9 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-top-k", default="0,50,10", help="top-k values to sweep at the best cfg")
     parser.add_argument("--sweep-residual-temperature", default="1,0.5,0",
                         help="residual-head noise temperatures to sweep at the best cfg / top-k")
+    parser.add_argument("--sweep-residual-cfg", default="last,0",
+                        help="residual-head guidance values to sweep last ('last': the last scale's cfg)")
     parser.add_argument("--sweep-count", type=int, default=100, help="prompts per set in the sweep")
     parser.add_argument("--choose-defaults", action="store_true",
-                        help="write the sweep's best cfg / top-k / residual temperature into the model's model_index.json first")
+                        help="write the sweep's best cfg / top-k / residual temperature / residual cfg into the model's model_index.json first")
     args = parser.parse_args(argv)
     if args.tokenizer:
         report = evaluate_tokenizer_folder(args.tokenizer, args.data, args.preset, val_fraction=args.val_fraction)
@@ -262,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(args.model, args.data, args.count, tuple(float(v) for v in args.sweep.split(",")),
                       tuple(int(v) for v in args.sweep_top_k.split(",")),
                       tuple(float(v) for v in args.sweep_residual_temperature.split(",")), args.sweep_count,
-                      choose_defaults=args.choose_defaults)
+                      choose_defaults=args.choose_defaults,
+                      residual_cfgs=tuple(None if v == "last" else float(v) for v in args.sweep_residual_cfg.split(",")))
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
