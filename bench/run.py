@@ -379,7 +379,8 @@ def case_vs_diffusion(p: dict) -> dict:
     prompts = [PROMPT] * p["batch"]
     out = {"model": p["model"], "model_info": info, "hart_params": hart_params, "dit_params": dit_params,
            "param_ratio_dit_over_hart": dit_params / hart_params, "dit_config": asdict(dit_cfg),
-           "cfg": cfg_scale, "batch": p["batch"], "repeats": p["repeats"], "cases": []}
+           "cfg": cfg_scale, "residual_cfg": pipe.sampling_defaults.residual_cfg,  # None: the last scale's cfg
+           "batch": p["batch"], "repeats": p["repeats"], "cases": []}
 
     precision = "fp32"
 
