@@ -149,23 +149,26 @@ def sweep(pipe, prompt_sets_by_res: dict, databases: dict, references: dict, set
     mean over all of them, `residual_gain_db` the mean residual gain (what the choice maximises)."""
     rows = []
     stored_residual_cfg = pipe.sampling_defaults.residual_cfg
-    for setting in settings:
-        row = dict(setting)
-        # residual_cfg None (the last scale's cfg) is no call override, so it goes through the defaults
-        kwargs = dict(setting)
-        pipe.sampling_defaults.residual_cfg = kwargs.pop("residual_cfg", stored_residual_cfg)
-        scores, gains = [], []
-        for res, sets in prompt_sets_by_res.items():
-            for name, prompts in sets.items():
-                r = generate_and_retrieve(pipe, prompts, res, databases[res], references[res], **kwargs)
-                row[f"{name}_top1" if len(prompt_sets_by_res) == 1 else f"{res}_{name}_top1"] = r["hybrid"]["top1"]
-                scores.append(r["hybrid"]["top1"])
-                if r["residual_gain_db"] is not None:
-                    gains.append(r["residual_gain_db"])
-        row["score"] = round(statistics.fmean(scores), 4)
-        row["residual_gain_db"] = round(statistics.fmean(gains), 3) if gains else None
-        rows.append(row)
-    pipe.sampling_defaults.residual_cfg = stored_residual_cfg
+    try:
+        for setting in settings:
+            row = dict(setting)
+            # residual_cfg None (the last scale's cfg) is no call override, so it goes through the defaults
+            kwargs = dict(setting)
+            pipe.sampling_defaults.residual_cfg = kwargs.pop("residual_cfg", stored_residual_cfg)
+            scores, gains = [], []
+            for res, sets in prompt_sets_by_res.items():
+                for name, prompts in sets.items():
+                    r = generate_and_retrieve(pipe, prompts, res, databases[res], references[res], **kwargs)
+                    key = f"{name}_top1" if len(prompt_sets_by_res) == 1 else f"{res}_{name}_top1"
+                    row[key] = r["hybrid"]["top1"]
+                    scores.append(r["hybrid"]["top1"])
+                    if r["residual_gain_db"] is not None:
+                        gains.append(r["residual_gain_db"])
+            row["score"] = round(statistics.fmean(scores), 4)
+            row["residual_gain_db"] = round(statistics.fmean(gains), 3) if gains else None
+            rows.append(row)
+    finally:
+        pipe.sampling_defaults.residual_cfg = stored_residual_cfg
     return rows
 
 
