@@ -191,30 +191,21 @@ def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2
         # a dataset too small for two disjoint sets sweeps on the reported prompts (and says so)
         disjoint = all(len(v) > count for v in both.values())
         sweep_sets[res] = {k: v[count:] if disjoint else v[:sweep_count] for k, v in both.items()}
-    # cfg at the stored top-k, then top-k at the best cfg, then the residual temperature, then its guidance
+    # one key at a time on top of the best setting so far: cfg and top-k by retrieval top-1, then the
+    # residual temperature and its guidance by residual gain (a value already measured is not rerun)
     defaults = pipe.sampling_defaults
-    top_k, temp, head_cfg = defaults.top_k, defaults.residual_temperature, defaults.residual_cfg
-    rows = sweep(pipe, sweep_sets, databases, references,
-                 [{"cfg": c, "top_k": top_k, "residual_temperature": temp, "residual_cfg": head_cfg} for c in cfgs])
-    best_cfg = max(rows, key=lambda r: r["score"])["cfg"]
-    rows += sweep(pipe, sweep_sets, databases, references,
-                  [{"cfg": best_cfg, "top_k": k, "residual_temperature": temp, "residual_cfg": head_cfg}
-                   for k in top_ks if k != top_k])
-    best = max(rows, key=lambda r: r["score"])
-
-    def best_gain(candidates):
-        return max(candidates, key=lambda r: -1e9 if r["residual_gain_db"] is None else r["residual_gain_db"])
-
-    rows += sweep(pipe, sweep_sets, databases, references,
-                  [{"cfg": best["cfg"], "top_k": best["top_k"], "residual_temperature": t, "residual_cfg": head_cfg}
-                   for t in residual_temperatures if t != temp])
-    best = best_gain([r for r in rows if (r["cfg"], r["top_k"]) == (best["cfg"], best["top_k"])])
-    rows += sweep(pipe, sweep_sets, databases, references,
-                  [{"cfg": best["cfg"], "top_k": best["top_k"], "residual_temperature": best["residual_temperature"],
-                    "residual_cfg": g} for g in residual_cfgs if g != head_cfg])
-    best = best_gain([r for r in rows if (r["cfg"], r["top_k"], r["residual_temperature"])
-                      == (best["cfg"], best["top_k"], best["residual_temperature"])])
-    chosen = {key: best[key] for key in ("cfg", "top_k", "residual_temperature", "residual_cfg")}
+    best = {"cfg": defaults.cfg, "top_k": defaults.top_k, "residual_temperature": defaults.residual_temperature,
+            "residual_cfg": defaults.residual_cfg}
+    rows = []
+    for key, values, measure in (("cfg", cfgs, "score"), ("top_k", top_ks, "score"),
+                                 ("residual_temperature", residual_temperatures, "residual_gain_db"),
+                                 ("residual_cfg", residual_cfgs, "residual_gain_db")):
+        rows += sweep(pipe, sweep_sets, databases, references,
+                      [dict(best, **{key: v}) for v in values if not (rows and v == best[key])])
+        candidates = [r for r in rows if all(r[k] == best[k] for k in best if k != key)]
+        best = {k: v for k, v in max(candidates, key=lambda r: -1e9 if r[measure] is None else r[measure]).items()
+                if k in best}
+    chosen = best
     if choose_defaults:
         index_path = Path(model) / "model_index.json"
         index = json.loads(index_path.read_text())
