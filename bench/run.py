@@ -83,6 +83,7 @@ def build_settings(args) -> dict:
         "in_process": args.in_process,
         "prompt": PROMPT,
         "cfg": args.cfg,                                  # None: each model's default
+        "attention_query_chunk": args.attention_query_chunk,  # 0: SDPA (the default path)
     }
     wanted = [v.strip() for v in (args.precisions or "fp32,bf16").split(",") if v.strip()]
     bad = [v for v in wanted if v not in PRECISIONS]
@@ -287,14 +288,20 @@ def load_pipeline(which: str, tiny: bool, full_preset: str = "hart-0.7b"):
     return pipe, info
 
 
-def set_precision(pipe, precision: str, *others: torch.nn.Module, masters: dict | None = None) -> None:
+def set_precision(pipe, precision: str, *others: torch.nn.Module, masters: dict | None = None,
+                  query_chunk: int = 0) -> None:
     """fp32, or bf16 autocast with the matmul weights held in bf16 (the pipeline's own way;
-    `others`, e.g. the DiT baseline, get the same treatment, their fp32 copies kept in `masters`)."""
+    `others`, e.g. the DiT baseline, get the same treatment, their fp32 copies kept in `masters`).
+    `query_chunk` > 0 switches every model's bf16 attention to the chunked path (both alike)."""
     from hart.pipeline import hold_matmul_weights
     dtype = torch.bfloat16 if precision == "bf16" else None
     pipe.autocast_dtype = dtype
+    pipe.attention_query_chunk = query_chunk
     if others:
         hold_matmul_weights(others, dtype, masters)
+        for module in (m for other in others for m in other.modules()):
+            if hasattr(module, "query_chunk"):
+                module.query_chunk = query_chunk
 
 
 def hart_runner(pipe, resolution: int, batch: int, **options) -> Callable[[], dict]:
@@ -321,7 +328,7 @@ def case_generation(p: dict) -> dict:
     pipe, info = load_pipeline(p["model"], p["tiny"], p["full_preset"])
     rss_loaded = rss_now_mb()
     res, batch, precision = p["resolution"], p["batch"], p.get("precision", "fp32")
-    set_precision(pipe, precision)
+    set_precision(pipe, precision, query_chunk=p.get("attention_query_chunk", 0))
     label = f"generation {p['model']} {res}px b{batch} {precision}"
     gen = hart_runner(pipe, res, batch)
     log(f"{label} warm-up 1/{max(1, p['warmup'])} (FLOP-counted)")
@@ -409,7 +416,7 @@ def case_vs_diffusion(p: dict) -> dict:
 
     dit_masters = {}
     for precision in p.get("precisions", ["fp32"]):
-        set_precision(pipe, precision, dit, masters=dit_masters)
+        set_precision(pipe, precision, dit, masters=dit_masters, query_chunk=p.get("attention_query_chunk", 0))
         for res in p["resolutions"]:
             side = pipe.schedules[res][-1]
             label = f"vs_diffusion {p['model']} {res}px {precision}"
@@ -748,7 +755,7 @@ def _model_resolutions(settings: dict, which: str) -> list[int]:
 def _case_params(settings: dict, which: str, **extra) -> dict:
     full = which == "full"
     return {"model": which, "tiny": settings["tiny"], "full_preset": settings["full_size_preset"],
-            "warmup": settings["warmup"],
+            "warmup": settings["warmup"], "attention_query_chunk": settings["attention_query_chunk"],
             "repeats": settings["full_size_repeats"] if full else settings["repeats"], **extra}
 
 
@@ -1018,6 +1025,9 @@ def parse_args(argv=None):
     ap.add_argument("--precisions", default="", help="generation precisions (default fp32,bf16; bf16 only on "
                                                       "CPUs with native bf16 unless --force-bf16)")
     ap.add_argument("--force-bf16", action="store_true", help="run bf16 generation even without native bf16")
+    ap.add_argument("--attention-query-chunk", type=int, default=0,
+                    help="> 0: bf16 attention over this many queries or more runs chunked, in HART and the DiT "
+                         "alike (HARTPipeline.attention_query_chunk); 0: SDPA")
     ap.add_argument("--bf16-cap-s", type=float, default=0.0, help="stop bf16 GEMM sizes past this many seconds")
     ap.add_argument("--in-process", action="store_true",
                     help="run the non-generation sections in this process (generation cases always get their own)")

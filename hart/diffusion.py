@@ -218,15 +218,26 @@ class ResidualDiffusionHead(nn.Module):
         return x * self.residual_scale
 
     # ---- training
-    def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
+             low_t_share: float = 0.0, low_t_max: int = 300) -> torch.Tensor:
         """IDDPM hybrid loss for residual tokens target [N, D] (unscaled) under conditions z [N, C].
 
         Mean-squared epsilon error plus the variational bound for the learned variance (with the
-        mean's gradient stopped in that term), averaged over tokens."""
+        mean's gradient stopped in that term), averaged over tokens. Timesteps are uniform (the
+        official draw) unless `low_t_share` > 0: then that share of tokens draws t below
+        `low_t_max` instead. Residual targets are small against unit noise, so only low
+        timesteps carry much of the condition's signal; there the head learns it faster."""
         sched = self.train_schedule
         x0 = target / self.residual_scale
         N, D = x0.shape
-        t = torch.randint(0, TRAIN_STEPS, (N,), generator=generator).to(x0.device)
+        t = torch.randint(0, TRAIN_STEPS, (N,), generator=generator)
+        if low_t_share > 0:
+            if not (0 < low_t_share <= 1 and 1 <= low_t_max <= TRAIN_STEPS):
+                raise ValueError(f"low_t_share must be in (0, 1] and low_t_max in [1, {TRAIN_STEPS}], "
+                                 f"got {low_t_share} and {low_t_max}")
+            low = torch.randint(0, low_t_max, (N,), generator=generator)
+            t = torch.where(torch.rand(N, generator=generator) < low_t_share, low, t)
+        t = t.to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         ac = torch.from_numpy(sched.alphas_cumprod).to(x0.device)[t].float()[:, None]
         x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise

@@ -22,7 +22,7 @@ from .presets import get_preset
 from .sampler import SampleOutput, SamplingOptions, iter_sample
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .tokenizer import HybridTokenizer, TokenizerConfig
-from .transformer import HARTTransformer, TransformerConfig
+from .transformer import Attention, HARTTransformer, TransformerConfig
 
 FORMAT = "hart-pipeline"
 # the embedded default model shipped with the repository
@@ -191,6 +191,21 @@ class HARTPipeline:
         weights). Outputs are bit-identical to plain autocast."""
         hold_matmul_weights([self.transformer, self.tokenizer], dtype, self._fp32_weights)
         self._autocast_dtype = dtype
+
+    @property
+    def attention_query_chunk(self) -> int:
+        """0 (default): SDPA everywhere. N > 0: under bf16 autocast, attention over N or more queries
+        runs as chunked 2-D matmuls (`transformer.attention`): faster on CPUs without AMX, with
+        bf16-rounded logits."""
+        return next(m.query_chunk for m in self.transformer.modules() if isinstance(m, Attention))
+
+    @attention_query_chunk.setter
+    def attention_query_chunk(self, queries: int) -> None:
+        if not isinstance(queries, int) or queries < 0:
+            raise ValueError(f"attention_query_chunk must be a non-negative integer, got {queries!r}")
+        for module in self.transformer.modules():
+            if isinstance(module, Attention):
+                module.query_chunk = queries
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         held, self.autocast_dtype = self.autocast_dtype, None  # write the fp32 masters

@@ -210,9 +210,10 @@ def test_forced_bf16_generation_runs_under_autocast(tmp_path):
     out = tmp_path / "bf16.json"
     cmd = [sys.executable, "bench/run.py", "--tiny", "--only", "vs_diffusion", "--precisions", "fp32,bf16",
            "--force-bf16", "--resolutions", "32", "--repeats", "1", "--threads", "1", "--dit-steps", "2",
-           "--cfg", "0", "--in-process", "--out", str(out)]
+           "--cfg", "0", "--in-process", "--attention-query-chunk", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(out.read_text())["settings"]["attention_query_chunk"] == 2  # bf16 rows: chunked attention
     block = json.loads(out.read_text())["vs_diffusion"]["default_model"]
     cases = block["cases"]
     assert [c["precision"] for c in cases] == ["fp32", "bf16"]
@@ -243,7 +244,8 @@ def test_attention_benchmark_reports_rates(tmp_path):
     assert data["shape"]["queries"] == 32 and data["shape"]["keys"] == 96
     for precision in ("bf16", "fp32"):
         entry = data["precisions"][precision]
-        for variant in ("sdpa", "math", "gemm"):
+        for variant in ("sdpa", "math", "chunked", "gemm"):
             _positive(entry["gflops"][variant]["median"], f"{precision} {variant}")
-        assert entry["max_abs_error_vs_fp32_sdpa"]["math"] < (0.05 if precision == "bf16" else 1e-4)
+        for variant in ("math", "chunked"):
+            assert entry["max_abs_error_vs_fp32_sdpa"][variant] < (0.05 if precision == "bf16" else 1e-4)
         _positive(entry["sdpa_rate_over_gemm_rate"], f"{precision} ratio")

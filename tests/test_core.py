@@ -10,7 +10,7 @@ from hart.checkpoint import read_weights
 from hart.diffusion import ResidualDiffusionHead, respaced_timesteps
 from hart.sampler import SamplingOptions, filter_logits, guidance_ramp, sample, sample_indices, sample_top_k
 from hart.tokenizer import phi_index
-from hart.transformer import image_rope_angles, text_rope_angles
+from hart.transformer import attention, image_rope_angles, text_rope_angles
 
 PROMPTS = ["red apple", "a waving hand"]
 
@@ -278,6 +278,23 @@ def test_diffusion_loss_trains():
     assert sum(losses[-20:]) / 20 < 0.8 * sum(losses[:20]) / 20
 
 
+def test_low_timestep_share_draws_training_timesteps_below_the_cap(monkeypatch):
+    """low_t_share = 1 trains only below low_t_max; the default keeps the official uniform draw."""
+    head = ResidualDiffusionHead(token_dim=4, cond_dim=8, width=16, depth=1)
+    seen = []
+    forward = head.net.forward
+    monkeypatch.setattr(head.net, "forward", lambda x, t, z: seen.append(t) or forward(x, t, z))
+    target, z = 0.1 * torch.randn(512, 4), torch.randn(512, 8)
+    head.loss(target, z, torch.Generator().manual_seed(0), low_t_share=1.0, low_t_max=50)
+    head.loss(target, z, torch.Generator().manual_seed(0), low_t_share=0.5, low_t_max=50)
+    head.loss(target, z, torch.Generator().manual_seed(0))
+    assert seen[0].max() < 50
+    assert 0.4 < (seen[1] < 50).float().mean() < 0.6  # half low, plus the uniform draws that land there
+    assert (seen[2] >= 50).float().mean() > 0.9
+    with pytest.raises(ValueError, match="low_t_share"):
+        head.loss(target, z, low_t_share=1.5)
+
+
 # ---------------------------------------------------------------- pipeline
 
 def test_pipeline_outputs_and_determinism(pipe):
@@ -460,6 +477,44 @@ def test_bf16_weights_held_once_match_plain_autocast_and_restore_fp32(pipe, tmp_
         assert np.array_equal(np.asarray(a), np.asarray(b))
     again = pipe("red apple", seed=3, resolution=32, num_images=2)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(fp32.images, again.images))
+
+
+def test_chunked_bf16_attention_matches_sdpa_and_only_runs_where_asked():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (10, 23, 23))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    with torch.no_grad():
+        sdpa = attention(qb, kb, vb, scale=0.3)
+        chunked = attention(qb, kb, vb, scale=0.3, query_chunk=4)  # 10 queries: chunks of 4, 4, 2
+        assert chunked.dtype == torch.bfloat16 and not torch.equal(chunked, sdpa)
+        assert (chunked.float() - reference).abs().max() < 0.03
+        assert torch.equal(attention(qb, kb, vb, scale=0.3, query_chunk=11), sdpa)  # fewer queries than a chunk
+        assert torch.equal(attention(q, k, v, scale=0.3, query_chunk=4), reference)  # fp32 keeps SDPA
+        mask = torch.ones(10, 23, dtype=torch.bool)
+        assert torch.equal(attention(qb, kb, vb, mask, 0.3, query_chunk=4), sdpa)   # masked (training) too
+    assert torch.equal(attention(qb, kb, vb, scale=0.3, query_chunk=4), sdpa)       # and with autograd on
+
+
+def test_attention_query_chunk_reaches_every_block_and_leaves_fp32_alone(pipe, monkeypatch):
+    import hart.transformer
+    fp32 = pipe("red apple", seed=5, resolution=32)
+    seen = []
+    original = hart.transformer.attention
+    monkeypatch.setattr(hart.transformer, "attention", lambda q, k, v, mask=None, scale=None, query_chunk=0:
+                        seen.append((q.dtype, query_chunk)) or original(q, k, v, mask, scale, query_chunk))
+    pipe.attention_query_chunk = 2
+    try:
+        assert pipe.attention_query_chunk == 2
+        assert images_bytes(pipe("red apple", seed=5, resolution=32)) == images_bytes(fp32)  # fp32: SDPA as before
+        seen.clear()
+        pipe.autocast_dtype = torch.bfloat16
+        assert pipe("red apple", seed=5, resolution=32).images[0].size == (32, 32)
+    finally:
+        pipe.autocast_dtype, pipe.attention_query_chunk = None, 0
+    assert len(seen) >= len(pipe.transformer.blocks) and set(seen) == {(torch.bfloat16, 2)}
+    with pytest.raises(ValueError, match="attention_query_chunk"):
+        pipe.attention_query_chunk = -1
 
 
 def test_top_k_draw_over_candidates_matches_the_filtered_full_draw():

@@ -262,7 +262,7 @@ def test_token_dropping_feeds_the_expected_tokens():
     sizes = preset.resolutions[64]
     module = ARLoss(tf, tok, ARTrainConfig(diffusion_batch_mul=3))
     seen = {}
-    tf.diffloss.loss = lambda target, z, generator=None: seen.update(n=target.shape[0]) or target.sum() * 0
+    tf.diffloss.loss = lambda target, z, generator=None, **draw: seen.update(n=target.shape[0]) or target.sum() * 0
     L = sum(s * s for s in sizes)
     keep = torch.stack([torch.randperm(64)[:20].sort().values for _ in range(2)])
     loss, *_ = module(torch.randn(2, 16, 32), torch.arange(16).expand(2, -1), torch.randn(2, L - 1, 8),

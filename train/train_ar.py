@@ -62,6 +62,8 @@ class ARTrainConfig:
     ema_decay: float = 0.999
     cond_drop: float = 0.1             # uniform draw per sample
     diffusion_batch_mul: int = 4
+    diffusion_low_t_share: float = 0.0  # share of head tokens trained at t < diffusion_low_t_max (0: uniform)
+    diffusion_low_t_max: int = 300
     diffusion_weight: float = 1.0
     residual_scale: float = 0.0        # >0: the head models residual / this (0: --init-from's, else the preset's)
     drop_last_scale: bool = False      # MAR-style last-scale token dropping
@@ -198,7 +200,8 @@ class ARLoss(nn.Module):
         z = tf.diffusion_condition(hidden_last, codes)
         target = (rest_kept - codes).flatten(0, 1)
         mul = self.cfg.diffusion_batch_mul
-        diff = tf.diffloss.loss(target.repeat(mul, 1), z.flatten(0, 1).repeat(mul, 1), generator=generator)
+        diff = tf.diffloss.loss(target.repeat(mul, 1), z.flatten(0, 1).repeat(mul, 1), generator=generator,
+                               low_t_share=self.cfg.diffusion_low_t_share, low_t_max=self.cfg.diffusion_low_t_max)
         accuracy = (logits.argmax(-1) == all_targets).float().mean()
         return objective + self.cfg.diffusion_weight * diff, ce.detach(), diff.detach(), accuracy
 

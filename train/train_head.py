@@ -44,6 +44,8 @@ class HeadTrainConfig:
     diff_depth: int = 0                # 0: the model's; more: append identity-initialised blocks
     diff_width: int = 0                # 0: the model's; another width starts a new head from scratch
     residual_scale: float = 0.0        # 0: the model's; else the head models residual / this
+    low_t_share: float = 0.0           # share of tokens trained at t < low_t_max (0: official uniform t)
+    low_t_max: int = 300
     batch_tokens: int = 1024
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -181,7 +183,8 @@ def train(cfg: HeadTrainConfig) -> dict:
             wording = torch.randint(0, cfg.wordings, (cfg.batch_tokens,), generator=g)
             wording[torch.rand(cfg.batch_tokens, generator=g) < cfg.cond_drop] = cfg.wordings  # empty prompt
             with accelerator.autocast():
-                loss = unwrap(accelerator, model).loss(targets[picked], z_all[wording, picked].float(), generator=g)
+                loss = unwrap(accelerator, model).loss(targets[picked], z_all[wording, picked].float(), generator=g,
+                                                             low_t_share=cfg.low_t_share, low_t_max=cfg.low_t_max)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
