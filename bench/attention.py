@@ -6,9 +6,10 @@ At the 0.7B configuration's last 512 px scale (CFG pair: 2 rows, 24 heads, 1,024
 300 text + 2,239 image keys, head dim 64) this times, interleaved in rounds after a warm-up:
   - sdpa: F.scaled_dot_product_attention (the sampler's path; the CPU flash kernel);
   - math: Q K^T, softmax in fp32, P V as three PyTorch calls;
-  - chunked: per row and head, 256 queries at a time: Q K^T and P V as 2-D matmuls in the input
-    dtype, softmax in fp32. Faster than sdpa in bf16 here, but its logits are rounded to bf16 (the
-    kernel keeps them in fp32), which is why the sampler does not use it (errors reported);
+  - chunked: `hart.transformer.chunked_attention`, 256 queries at a time (per row and head, 2-D
+    matmuls in the input dtype, softmax in fp32). Faster than sdpa in bf16 here, but its logits are
+    rounded to bf16 (the kernel keeps them in fp32), so the sampler uses it only when asked
+    (`HARTPipeline.attention_query_chunk`; errors reported);
   - flex: torch.compile(flex_attention), only with --flex (the first compile took 21 s here, 2 to 4 s from the cache);
   - gemm: the block's feed-forward up projection at the same 2,048 rows (2048 x 1536 x 4096),
     the kind of matmul the rest of the block is made of;
@@ -30,6 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.run import interleave, section_machine, stats  # noqa: E402
+from hart.transformer import chunked_attention  # noqa: E402
 
 ROWS, HEADS, QUERIES, KEYS, HEAD_DIM = 2, 24, 1024, 2539, 64
 GEMM = (2048, 1536, 4096)
@@ -48,27 +50,19 @@ def variants(dtype: torch.dtype, flex: bool, queries: int = QUERIES, keys: int =
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
         return torch.matmul(scores.softmax(-1).to(dtype), v)
 
-    def chunked_attention(chunk: int = 256):
-        result = torch.empty_like(q)
-        for row in range(ROWS):
-            for head in range(HEADS):
-                keys_t, values = k[row, head].t(), v[row, head]
-                for start in range(0, queries, chunk):
-                    scores = torch.mm(q[row, head, start:start + chunk] * scale, keys_t)
-                    weights = scores.softmax(-1, dtype=torch.float32).to(dtype)
-                    result[row, head, start:start + chunk] = torch.mm(weights, values)
-        return result
+    def chunked():
+        return chunked_attention(q, k, v, scale, 256)
 
     out = [("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)),
            ("math", math_attention),
-           ("chunked", chunked_attention),
+           ("chunked", chunked),
            ("gemm", lambda: torch.mm(a, b))]
     flops = {"sdpa": 4 * ROWS * HEADS * queries * keys * HEAD_DIM, "gemm": 2 * GEMM[0] * GEMM[1] * GEMM[2]}
     flops["math"] = flops["chunked"] = flops["sdpa"]
     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
     errors = {"math": (math_attention().float() - reference).abs().max().item(),
               "sdpa": (out[0][1]().float() - reference).abs().max().item(),
-              "chunked": (chunked_attention().float() - reference).abs().max().item()}
+              "chunked": (chunked().float() - reference).abs().max().item()}
     if flex:
         from torch.nn.attention.flex_attention import flex_attention
         compiled = torch.compile(flex_attention)

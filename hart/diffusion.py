@@ -231,7 +231,7 @@ class ResidualDiffusionHead(nn.Module):
         x0 = target / self.residual_scale
         N, D = x0.shape
         t = torch.randint(0, TRAIN_STEPS, (N,), generator=generator)
-        if low_t_share > 0:
+        if low_t_share:
             if not (0 < low_t_share <= 1 and 1 <= low_t_max <= TRAIN_STEPS):
                 raise ValueError(f"low_t_share must be in (0, 1] and low_t_max in [1, {TRAIN_STEPS}], "
                                  f"got {low_t_share} and {low_t_max}")

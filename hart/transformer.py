@@ -144,15 +144,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if not (query_chunk > 0 and mask is None and q.dtype == torch.bfloat16 and q.shape[2] >= query_chunk
             and not torch.is_grad_enabled()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return chunked_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, query_chunk)
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
+    """Unmasked attention per row and head, `chunk` queries at a time: Q K^T and P V as 2-D matmuls in
+    the inputs' dtype, the softmax in fp32."""
     out = torch.empty_like(q)
     for row in range(q.shape[0]):
         for head in range(q.shape[1]):
             keys_t, values = k[row, head].t(), v[row, head]
-            for start in range(0, q.shape[2], query_chunk):
-                scores = torch.mm(q[row, head, start:start + query_chunk] * scale, keys_t)
+            for start in range(0, q.shape[2], chunk):
+                scores = torch.mm(q[row, head, start:start + chunk] * scale, keys_t)
                 weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-                out[row, head, start:start + query_chunk] = torch.mm(weights, values)
+                out[row, head, start:start + chunk] = torch.mm(weights, values)
     return out
 
 

@@ -291,8 +291,9 @@ def test_low_timestep_share_draws_training_timesteps_below_the_cap(monkeypatch):
     assert seen[0].max() < 50
     assert 0.4 < (seen[1] < 50).float().mean() < 0.6  # half low, plus the uniform draws that land there
     assert (seen[2] >= 50).float().mean() > 0.9
-    with pytest.raises(ValueError, match="low_t_share"):
-        head.loss(target, z, low_t_share=1.5)
+    for share in (1.5, -0.5):
+        with pytest.raises(ValueError, match="low_t_share"):
+            head.loss(target, z, low_t_share=share)
 
 
 # ---------------------------------------------------------------- pipeline
