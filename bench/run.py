@@ -294,14 +294,14 @@ def set_precision(pipe, precision: str, *others: torch.nn.Module, masters: dict 
     `others`, e.g. the DiT baseline, get the same treatment, their fp32 copies kept in `masters`).
     `query_chunk` > 0 switches every model's bf16 attention to the chunked path (both alike)."""
     from hart.pipeline import hold_matmul_weights
+    from hart.transformer import set_query_chunk
     dtype = torch.bfloat16 if precision == "bf16" else None
     pipe.autocast_dtype = dtype
     pipe.attention_query_chunk = query_chunk
     if others:
         hold_matmul_weights(others, dtype, masters)
-        for module in (m for other in others for m in other.modules()):
-            if hasattr(module, "query_chunk"):
-                module.query_chunk = query_chunk
+        for other in others:
+            set_query_chunk(other, query_chunk)
 
 
 def hart_runner(pipe, resolution: int, batch: int, **options) -> Callable[[], dict]:

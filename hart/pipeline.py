@@ -22,7 +22,7 @@ from .presets import get_preset
 from .sampler import SampleOutput, SamplingOptions, iter_sample
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .tokenizer import HybridTokenizer, TokenizerConfig
-from .transformer import Attention, HARTTransformer, TransformerConfig
+from .transformer import Attention, HARTTransformer, TransformerConfig, set_query_chunk
 
 FORMAT = "hart-pipeline"
 # the embedded default model shipped with the repository
@@ -203,9 +203,7 @@ class HARTPipeline:
     def attention_query_chunk(self, queries: int) -> None:
         if not isinstance(queries, int) or queries < 0:
             raise ValueError(f"attention_query_chunk must be a non-negative integer, got {queries!r}")
-        for module in self.transformer.modules():
-            if isinstance(module, Attention):
-                module.query_chunk = queries
+        set_query_chunk(self.transformer, queries)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         held, self.autocast_dtype = self.autocast_dtype, None  # write the fp32 masters

@@ -161,6 +161,14 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out
 
 
+def set_query_chunk(model: nn.Module, queries: int) -> None:
+    """Give every attention module in `model` (HART's, or a baseline's with the same attribute) the
+    chunked-bf16 threshold `queries` (0: SDPA)."""
+    for module in model.modules():
+        if hasattr(module, "query_chunk"):
+            module.query_chunk = queries
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
