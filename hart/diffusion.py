@@ -185,6 +185,11 @@ class ResidualDiffusionHead(nn.Module):
         the generator's draws (used by the parity check). Returns the residual, already
         multiplied by `residual_scale`.
         """
+        return self._sample_chain(z_cond, z_uncond, cfg, steps, temperature, generator, noise)
+
+    def _sample_chain(self, z_cond, z_uncond=None, cfg=0.0, steps=None, temperature=1.0, generator=None,
+                      noise=None) -> torch.Tensor:
+        """`sample` without its no_grad: `sample_loss` backpropagates through the same chain."""
         steps = steps or self.sampling_steps
         sched = self.schedule(steps)
         N, D = z_cond.shape[0], self.net.token_dim
@@ -218,6 +223,15 @@ class ResidualDiffusionHead(nn.Module):
         return x * self.residual_scale
 
     # ---- training
+    def sample_loss(self, target: torch.Tensor, z: torch.Tensor, steps: int | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean squared error of the temperature-0 sample (unguided, `steps` steps) against the
+        true residual, in the head's units (target / residual_scale), backpropagated through the
+        whole chain. The official loss teaches the denoiser at single timesteps; the app's default
+        output is this deterministic chain, and its MSE is what the residual's PSNR gain measures."""
+        sample = self._sample_chain(z, steps=steps, temperature=0.0, generator=generator)
+        return (sample.float() - target.float()).square().mean() / self.residual_scale ** 2
+
     def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
              low_t_share: float = 0.0, low_t_max: int = 300) -> torch.Tensor:
         """IDDPM hybrid loss for residual tokens target [N, D] (unscaled) under conditions z [N, C].

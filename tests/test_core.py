@@ -241,6 +241,26 @@ def test_diffusion_head_steps_and_zero_cfg():
     assert out.abs().max() <= head.residual_scale + 1e-6  # x0 is clipped to [-1, 1] before scaling
 
 
+def test_sample_loss_is_the_deterministic_samples_error_and_trains_it():
+    torch.manual_seed(0)
+    head = ResidualDiffusionHead(token_dim=4, cond_dim=16, width=32, depth=2, residual_scale=0.3)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    z, target = torch.randn(64, 16), 0.1 * torch.randn(64, 4)
+    seeded = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    sample = head.sample(z, steps=4, temperature=0.0, generator=seeded())
+    loss = head.sample_loss(target, z, steps=4, generator=seeded())
+    torch.testing.assert_close(loss, (sample - target).square().mean() / 0.3 ** 2)
+    loss.backward()  # the gradient reaches the blocks through every step of the chain
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.net.res_blocks.parameters())
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for _ in range(30):
+        optimizer.zero_grad()
+        head.sample_loss(target, z, steps=4, generator=seeded()).backward()
+        optimizer.step()
+    assert head.sample_loss(target, z, steps=4, generator=seeded()) < 0.2 * loss.detach()
+
+
 def test_residual_scale_sets_the_heads_units():
     """A head at scale s models residual / s: the same net at 0.15 and at 0.6 agrees once the
     targets and samples are converted between the two units."""

@@ -361,8 +361,25 @@ def test_head_training_changes_only_the_head_and_resumes(shapes_data, tiny_token
     wide = HARTPipeline.from_pretrained(tmp_path / "wide" / "model").transformer
     assert (wide.config.diff_width, wide.config.diff_depth) == (48, 2)
     assert wide.diffloss.net.input_proj.out_features == 48
+    # the unrolled-sampler term and balanced pools train too
+    train_head(replace(cfg, out=str(tmp_path / "unrolled"), sample_loss_weight=1.0, balance_resolutions=True,
+                       steps=20))
+    lines = [json.loads(line) for line in (tmp_path / "unrolled" / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 20] and math.isfinite(lines[-1]["loss"])
     with pytest.raises(ValueError, match="--model"):
         train_head(HeadTrainConfig())
+
+
+def test_balanced_token_picks_draw_every_pool_equally():
+    from train.train_head import pick_tokens
+    ends = torch.tensor([100, 500])  # pool 0: tokens 0-99, pool 1: tokens 100-499
+    picked = pick_tokens(ends, 20000, True, torch.Generator().manual_seed(0))
+    small = picked < 100
+    assert picked.min() >= 0 and picked.max() < 500
+    assert abs(small.float().mean().item() - 0.5) < 0.02  # uniform would give 0.2
+    assert len(picked[small].unique()) == 100 and len(picked[~small].unique()) == 400
+    uniform = pick_tokens(ends, 20000, False, torch.Generator().manual_seed(0))
+    assert abs((uniform < 100).float().mean().item() - 0.2) < 0.02
 
 
 def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):
@@ -370,7 +387,8 @@ def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=10, checkpoint_every=10))
     model = tmp_path / "ar" / "model"
     report = evaluate(str(model), str(shapes_data), count=8, cfgs=(0.0, 2.0), top_ks=(0, 3),
-                      residual_temperatures=(1.0, 0.0), sweep_count=4, val_fraction=0.25, choose_defaults=True)
+                      temperatures=(1.0, 0.5), residual_temperatures=(1.0, 0.0), sweep_count=4, val_fraction=0.25,
+                      choose_defaults=True)
     entry = report["resolutions"]["32"]
     assert set(entry["tokenizer"]) >= {"psnr_discrete", "psnr_hybrid", "ssim_discrete", "ssim_hybrid"}
     assert 0 <= entry["tokenizer"]["recon_top1_discrete"] <= 1 and 0 <= entry["tokenizer"]["recon_top1_hybrid"] <= 1
@@ -384,20 +402,26 @@ def test_evaluate_reports_every_metric(shapes_data, tiny_tokenizer, tmp_path):
     assert all(math.isfinite(check[k]) for k in ("true_residual_gain_db", "predicted_residual_gain_db"))
     rows = report["sweep"]["rows"]
     assert [(row["cfg"], row["top_k"]) for row in rows[:2]] == [(0.0, 0), (2.0, 0)]
-    assert len(rows) == 5 and rows[2]["top_k"] == 3 and all(0 <= row["score"] <= 1 for row in rows)
+    assert len(rows) == 6 and rows[2]["top_k"] == 3 and all(0 <= row["score"] <= 1 for row in rows)
     best = max(rows[:3], key=lambda row: row["score"])
+    # then the token temperature at the best cfg / top-k, by retrieval too
+    assert rows[3] == dict(rows[3], cfg=best["cfg"], top_k=best["top_k"], temperature=0.5)
+    best = max((best, rows[3]), key=lambda row: row["score"])
 
     def gain(row):
         return -1e9 if row["residual_gain_db"] is None else row["residual_gain_db"]
     # then the residual temperature at the best tokens setting, chosen by residual gain
-    assert (rows[3]["cfg"], rows[3]["top_k"], rows[3]["residual_temperature"]) == (best["cfg"], best["top_k"], 0.0)
-    temp = max((best, rows[3]), key=gain)["residual_temperature"]
+    assert rows[4] == dict(rows[4], cfg=best["cfg"], top_k=best["top_k"], temperature=best["temperature"],
+                           residual_temperature=0.0)
+    temp = max((best, rows[4]), key=gain)["residual_temperature"]
     # last, the head's guidance (None: the last scale's cfg) at that temperature
-    assert rows[4] == dict(rows[4], cfg=best["cfg"], top_k=best["top_k"], residual_temperature=temp, residual_cfg=0.0)
-    at_temp = next(row for row in (best, rows[3]) if row["residual_temperature"] == temp)
+    assert rows[5] == dict(rows[5], cfg=best["cfg"], top_k=best["top_k"], temperature=best["temperature"],
+                           residual_temperature=temp, residual_cfg=0.0)
+    at_temp = next(row for row in (best, rows[4]) if row["residual_temperature"] == temp)
     assert at_temp["residual_cfg"] is None
-    head_cfg = max((at_temp, rows[4]), key=gain)["residual_cfg"]
-    chosen = {"cfg": best["cfg"], "top_k": best["top_k"], "residual_temperature": temp, "residual_cfg": head_cfg}
+    head_cfg = max((at_temp, rows[5]), key=gain)["residual_cfg"]
+    chosen = {"cfg": best["cfg"], "top_k": best["top_k"], "temperature": best["temperature"],
+              "residual_temperature": temp, "residual_cfg": head_cfg}
     assert report["sweep"]["best"] == chosen
     # the chosen setting is the model's default from now on, and the report used it
     stored = json.loads((model / "model_index.json").read_text())["sampling"]

@@ -175,9 +175,9 @@ def sweep(pipe, prompt_sets_by_res: dict, databases: dict, references: dict, set
 def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2.0, 3.0, 4.5),
              top_ks: tuple = (0, 50, 10), residual_temperatures: tuple = (1.0, 0.5, 0.0), sweep_count: int = 100,
              seed: int = 0, val_fraction: float = 0.05, choose_defaults: bool = False,
-             residual_cfgs: tuple = (None, 0.0)) -> dict:
+             residual_cfgs: tuple = (None, 0.0), temperatures: tuple = (1.0, 0.5)) -> dict:
     """The report. With choose_defaults the sweep runs first on prompts disjoint from the
-    reported ones: cfg, then top-k (both by retrieval top-1), then the residual head's noise
+    reported ones: cfg, top-k, then the token sampling temperature (all by retrieval top-1), then the residual head's noise
     temperature and then its guidance (None: the last scale's cfg), both by residual gain. The
     best setting is written into the model's model_index.json, and every reported number uses it."""
     pipe = HARTPipeline.from_pretrained(model)
@@ -191,13 +191,13 @@ def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2
         # a dataset too small for two disjoint sets sweeps on the reported prompts (and says so)
         disjoint = all(len(v) > count for v in both.values())
         sweep_sets[res] = {k: v[count:] if disjoint else v[:sweep_count] for k, v in both.items()}
-    # one key at a time on top of the best setting so far: cfg and top-k by retrieval top-1, then the
+    # one key at a time on top of the best setting so far: cfg, top-k and temperature by retrieval top-1, then the
     # residual temperature and its guidance by residual gain (a value already measured is not rerun)
     defaults = pipe.sampling_defaults
-    best = {"cfg": defaults.cfg, "top_k": defaults.top_k, "residual_temperature": defaults.residual_temperature,
-            "residual_cfg": defaults.residual_cfg}
+    best = {"cfg": defaults.cfg, "top_k": defaults.top_k, "temperature": defaults.temperature,
+            "residual_temperature": defaults.residual_temperature, "residual_cfg": defaults.residual_cfg}
     rows = []
-    for key, values, measure in (("cfg", cfgs, "score"), ("top_k", top_ks, "score"),
+    for key, values, measure in (("cfg", cfgs, "score"), ("top_k", top_ks, "score"), ("temperature", temperatures, "score"),
                                  ("residual_temperature", residual_temperatures, "residual_gain_db"),
                                  ("residual_cfg", residual_cfgs, "residual_gain_db")):
         rows += sweep(pipe, sweep_sets, databases, references,
@@ -258,13 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=300, help="prompts per set (exact, paraphrase)")
     parser.add_argument("--sweep", default="0,1,2,3,4.5", help="cfg values to sweep")
     parser.add_argument("--sweep-top-k", default="0,50,10", help="top-k values to sweep at the best cfg")
+    parser.add_argument("--sweep-temperature", default="1,0.5",
+                        help="token sampling temperatures to sweep at the best cfg / top-k")
     parser.add_argument("--sweep-residual-temperature", default="1,0.5,0",
                         help="residual-head noise temperatures to sweep at the best cfg / top-k")
     parser.add_argument("--sweep-residual-cfg", default="last,0",
                         help="residual-head guidance values to sweep last ('last': the last scale's cfg)")
     parser.add_argument("--sweep-count", type=int, default=100, help="prompts per set in the sweep")
     parser.add_argument("--choose-defaults", action="store_true",
-                        help="write the sweep's best cfg / top-k / residual temperature / residual cfg into the model's model_index.json first")
+                        help="write the sweep's best cfg / top-k / temperature / residual temperature / residual cfg "
+                             "into the model's model_index.json first")
     args = parser.parse_args(argv)
     if args.tokenizer:
         report = evaluate_tokenizer_folder(args.tokenizer, args.data, args.preset, val_fraction=args.val_fraction)
@@ -275,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                       tuple(int(v) for v in args.sweep_top_k.split(",")),
                       tuple(float(v) for v in args.sweep_residual_temperature.split(",")), args.sweep_count,
                       choose_defaults=args.choose_defaults,
-                      residual_cfgs=tuple(None if v == "last" else float(v) for v in args.sweep_residual_cfg.split(",")))
+                      residual_cfgs=tuple(None if v == "last" else float(v) for v in args.sweep_residual_cfg.split(",")),
+                      temperatures=tuple(float(v) for v in args.sweep_temperature.split(",")))
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -46,6 +46,8 @@ class HeadTrainConfig:
     residual_scale: float = 0.0        # 0: the model's; else the head models residual / this
     low_t_share: float = 0.0           # share of tokens trained at t < low_t_max (0: official uniform t)
     low_t_max: int = 300
+    sample_loss_weight: float = 0.0    # > 0: add this times the unrolled temperature-0 sample's MSE
+    balance_resolutions: bool = False  # each batch draws equally from every resolution's tokens
     batch_tokens: int = 1024
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -117,6 +119,17 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
     return result["conditions"], result["residuals"].float()
 
 
+def pick_tokens(pool_ends: torch.Tensor, count: int, balance: bool, generator: torch.Generator) -> torch.Tensor:
+    """`count` token indices into pools laid end to end (pool i ends at pool_ends[i]): uniform over
+    all tokens, or with `balance` the same share from every pool (the 64 px pool is 4x smaller)."""
+    if not balance:
+        return torch.randint(0, int(pool_ends[-1]), (count,), generator=generator)
+    pool = torch.randint(0, len(pool_ends), (count,), generator=generator)
+    starts = torch.cat([pool_ends.new_zeros(1), pool_ends[:-1]])
+    sizes = pool_ends - starts
+    return starts[pool] + (torch.rand(count, generator=generator) * sizes[pool]).long().clamp(max=sizes[pool] - 1)
+
+
 def ema_copy(ema: EMA, head: ResidualDiffusionHead) -> ResidualDiffusionHead:
     """A new head holding the EMA weights (the trained one keeps its raw weights)."""
     return ema.copy_to(copy.deepcopy(head)).eval().requires_grad_(False)
@@ -156,6 +169,7 @@ def train(cfg: HeadTrainConfig) -> dict:
         z_parts.append(conditions.flatten(1, 2))       # [W + 1, N * P^2, C]
         target_parts.append(residuals.flatten(0, 1))    # [N * P^2, D]
     z_all, targets = torch.cat(z_parts, 1), torch.cat(target_parts)
+    pool_ends = torch.tensor([len(t) for t in target_parts]).cumsum(0)
     gen = torch.Generator().manual_seed(cfg.seed)
     eval_ids = torch.randperm(len(targets), generator=gen)[:cfg.eval_tokens]
 
@@ -179,12 +193,18 @@ def train(cfg: HeadTrainConfig) -> dict:
         for step in tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="head"):
             set_lr(optimizer, cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup))
             g = step_generator(cfg.seed, step)
-            picked = torch.randint(0, len(targets), (cfg.batch_tokens,), generator=g)
+            picked = pick_tokens(pool_ends, cfg.batch_tokens, cfg.balance_resolutions, g)
             wording = torch.randint(0, cfg.wordings, (cfg.batch_tokens,), generator=g)
             wording[torch.rand(cfg.batch_tokens, generator=g) < cfg.cond_drop] = cfg.wordings  # empty prompt
             with accelerator.autocast():
-                loss = unwrap(accelerator, model).loss(targets[picked], z_all[wording, picked].float(), generator=g,
-                                                             low_t_share=cfg.low_t_share, low_t_max=cfg.low_t_max)
+                trained_head = unwrap(accelerator, model)
+                z = z_all[wording, picked].float()
+                loss = trained_head.loss(targets[picked], z, generator=g,
+                                         low_t_share=cfg.low_t_share, low_t_max=cfg.low_t_max)
+                if cfg.sample_loss_weight:
+                    prompted = wording < cfg.wordings  # the empty prompt's rows only teach CFG's other half
+                    loss = loss + cfg.sample_loss_weight * trained_head.sample_loss(
+                        targets[picked][prompted], z[prompted], generator=g)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
