@@ -368,6 +368,8 @@ def test_head_training_changes_only_the_head_and_resumes(shapes_data, tiny_token
     assert [line["step"] for line in lines] == [0, 20] and math.isfinite(lines[-1]["loss"])
     with pytest.raises(ValueError, match="--model"):
         train_head(HeadTrainConfig())
+    with pytest.raises(ValueError, match="--sample-loss-weight"):
+        train_head(replace(cfg, sample_loss_weight=-1.0))
 
 
 def test_balanced_token_picks_draw_every_pool_equally():

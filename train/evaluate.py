@@ -177,9 +177,10 @@ def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2
              seed: int = 0, val_fraction: float = 0.05, choose_defaults: bool = False,
              residual_cfgs: tuple = (None, 0.0), temperatures: tuple = (1.0, 0.5)) -> dict:
     """The report. With choose_defaults the sweep runs first on prompts disjoint from the
-    reported ones: cfg, top-k, then the token sampling temperature (all by retrieval top-1), then the residual head's noise
-    temperature and then its guidance (None: the last scale's cfg), both by residual gain. The
-    best setting is written into the model's model_index.json, and every reported number uses it."""
+    reported ones: cfg, top-k and the token sampling temperature (by retrieval top-1), then the
+    residual head's noise temperature and then its guidance (None: the last scale's cfg), both by
+    residual gain. The best setting is written into the model's model_index.json, and every
+    reported number uses it."""
     pipe = HARTPipeline.from_pretrained(model)
     full, references, databases, sets, sweep_sets = {}, {}, {}, {}, {}
     for res in pipe.resolutions:
@@ -191,13 +192,14 @@ def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2
         # a dataset too small for two disjoint sets sweeps on the reported prompts (and says so)
         disjoint = all(len(v) > count for v in both.values())
         sweep_sets[res] = {k: v[count:] if disjoint else v[:sweep_count] for k, v in both.items()}
-    # one key at a time on top of the best setting so far: cfg, top-k and temperature by retrieval top-1, then the
-    # residual temperature and its guidance by residual gain (a value already measured is not rerun)
+    # one key at a time on top of the best setting so far: cfg, top-k and temperature by retrieval top-1,
+    # then the residual temperature and its guidance by residual gain (a value already measured is not rerun)
     defaults = pipe.sampling_defaults
     best = {"cfg": defaults.cfg, "top_k": defaults.top_k, "temperature": defaults.temperature,
             "residual_temperature": defaults.residual_temperature, "residual_cfg": defaults.residual_cfg}
     rows = []
-    for key, values, measure in (("cfg", cfgs, "score"), ("top_k", top_ks, "score"), ("temperature", temperatures, "score"),
+    for key, values, measure in (("cfg", cfgs, "score"), ("top_k", top_ks, "score"),
+                                 ("temperature", temperatures, "score"),
                                  ("residual_temperature", residual_temperatures, "residual_gain_db"),
                                  ("residual_cfg", residual_cfgs, "residual_gain_db")):
         rows += sweep(pipe, sweep_sets, databases, references,

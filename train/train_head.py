@@ -146,6 +146,8 @@ def train(cfg: HeadTrainConfig) -> dict:
         raise ValueError("--model is required: the pipeline folder whose head is retrained")
     if cfg.wordings < 1 or cfg.batch_tokens < 1:
         raise ValueError("--wordings and --batch-tokens must be at least 1")
+    if cfg.sample_loss_weight < 0:
+        raise ValueError(f"--sample-loss-weight must be >= 0, got {cfg.sample_loss_weight}")
     if not 0 <= cfg.cond_drop < 1:
         raise ValueError(f"--cond-drop must be in [0, 1), got {cfg.cond_drop}")
     out = Path(cfg.out)

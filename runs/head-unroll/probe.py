@@ -3,7 +3,7 @@ true residual, backpropagated through the unrolled sampler), next to continuing 
 
     python runs/head-unroll/probe.py STEPS LR MODE [BATCH [WIDTH [WEIGHT [SHARE64]]]]     MODE: official | unroll | both
 """
-import sys, time, copy
+import sys, time
 import torch
 from safetensors.torch import load_file
 from hart.pipeline import HARTPipeline
