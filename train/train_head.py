@@ -200,13 +200,12 @@ def train(cfg: HeadTrainConfig) -> dict:
             wording[torch.rand(cfg.batch_tokens, generator=g) < cfg.cond_drop] = cfg.wordings  # empty prompt
             with accelerator.autocast():
                 trained_head = unwrap(accelerator, model)
-                z = z_all[wording, picked].float()
-                loss = trained_head.loss(targets[picked], z, generator=g,
-                                         low_t_share=cfg.low_t_share, low_t_max=cfg.low_t_max)
+                z, target = z_all[wording, picked].float(), targets[picked]
+                loss = trained_head.loss(target, z, generator=g, low_t_share=cfg.low_t_share, low_t_max=cfg.low_t_max)
                 if cfg.sample_loss_weight:
                     prompted = wording < cfg.wordings  # the empty prompt's rows only teach CFG's other half
                     loss = loss + cfg.sample_loss_weight * trained_head.sample_loss(
-                        targets[picked][prompted], z[prompted], generator=g)
+                        target[prompted], z[prompted], generator=g)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
