@@ -115,6 +115,7 @@ class SampleOutput:
     residual: torch.Tensor | None    # [B, P^2, Cvae] or None when the head is off
     logits: list[torch.Tensor]       # guided logits per scale (for inspection and parity)
     diffusion_time: float = 0.0
+    head_condition: torch.Tensor | None = None  # [B, P^2, C]: the head's conditional input
 
 
 def sample(*args, **kwargs) -> SampleOutput:
@@ -203,19 +204,18 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
             yield si, fhat
             continue
         fhat = fhat + codes
+        word = codebook[idx].to(dtype)
+        head_condition = transformer.diffusion_condition(hidden[:B], word)
         if opts.use_residual:
             start = time.perf_counter()
             head_cfg = t if opts.residual_cfg is None else opts.residual_cfg
             head_guided = guided and head_cfg != 0  # unguided: the head runs the conditional rows only
-            word = codebook[idx].to(dtype)
-            z = transformer.diffusion_condition(hidden if head_guided else hidden[:B],
-                                                torch.cat([word, word]) if head_guided else word)
-            C = z.shape[-1]
-            z_cond = z[:B].reshape(-1, C)
-            z_uncond = z[B:].reshape(-1, C) if head_guided else None
+            C = head_condition.shape[-1]
+            z_cond = head_condition.reshape(-1, C)
+            z_uncond = transformer.diffusion_condition(hidden[B:], word).reshape(-1, C) if head_guided else None
             flat = transformer.diffloss.sample(z_cond, z_uncond, cfg=head_cfg, steps=opts.diffusion_steps,
                                                temperature=opts.residual_temperature, generator=generator,
                                                noise=diffusion_noise)
             residual = flat.view(B, P * P, -1).to(fhat.dtype)
             diffusion_time = time.perf_counter() - start
-    yield SampleOutput(indices, fhat, residual, all_logits, diffusion_time)
+    yield SampleOutput(indices, fhat, residual, all_logits, diffusion_time, head_condition)

@@ -372,6 +372,52 @@ def test_head_training_changes_only_the_head_and_resumes(shapes_data, tiny_token
         train_head(replace(cfg, sample_loss_weight=-1.0))
 
 
+def test_head_learns_from_the_models_own_generations(shapes_data, tiny_tokenizer, tmp_path, monkeypatch):
+    """The generated pool's target is the image's latent minus the generated discrete latent, and
+    its condition the sampler's own head input; only generations that retrieve their image count."""
+    import train.train_head as train_head_module
+    from hart.sampler import sample
+    from train.data import load_dataset
+    train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=2, checkpoint_every=2))
+    pipe = HARTPipeline.from_pretrained(tmp_path / "ar" / "model")
+    args = (pipe, str(shapes_data), 32, 2)
+    monkeypatch.setattr(train_head_module, "retrieve", lambda images, db, targets: (torch.ones(len(targets)), None))
+    with pytest.raises(ValueError, match="no generation retrieved"):  # every one missed
+        train_head_module.train(train_head_module.HeadTrainConfig(
+            model=str(tmp_path / "ar" / "model"), data=str(shapes_data), out=str(tmp_path / "missed"),
+            generated_share=0.5, steps=2, mixed_precision="no"))
+    # images 0, 3 and 6 retrieve themselves (rank 0), from both wordings
+    monkeypatch.setattr(train_head_module, "retrieve",
+                        lambda images, db, targets: ((targets % 3 != 0).long(), None))
+    conditions, targets = train_head_module.generated_conditions(*args, tmp_path / "cache", batch=4)
+    assert conditions.shape[:2] == targets.shape[:2] == (6, 16)
+    # recompute the first kept row (image 0, its exact caption) by hand
+    dataset = load_dataset(str(shapes_data), 32, "all", caption_variation=True)
+    opts = replace(pipe.sampling_defaults, use_residual=False)
+    with torch.no_grad():
+        states, _, positions = pipe.text_encoder([dataset.captions[i]["text"] for i in range(4)])
+        out = sample(pipe.transformer, pipe.tokenizer, states, positions, pipe.schedules[32], opts,
+                     torch.Generator().manual_seed(0))
+        latent = pipe.tokenizer.encode_latent(torch.stack([dataset.image(i) for i in range(4)]))
+    expected = (latent - out.fhat_discrete).flatten(2).transpose(1, 2)[0]
+    assert torch.allclose(targets[0], expected, atol=2e-2 * expected.abs().max().item())
+    assert torch.allclose(conditions[0].float(), out.head_condition[0], atol=1e-2)
+    assert not torch.allclose(targets[0], targets[2], atol=1e-3)  # image 3 follows image 0's two rows
+    cached = train_head_module.generated_conditions(*args, tmp_path / "cache")
+    assert torch.equal(cached[1], targets)  # read back from the cache, not regenerated
+    # and a head trains on a half-generated batch
+    cfg = train_head_module.HeadTrainConfig(model=str(tmp_path / "ar" / "model"), data=str(shapes_data),
+                                            out=str(tmp_path / "head"), generated_share=0.5, batch_tokens=64,
+                                            steps=4, log_every=4, eval_tokens=64, mixed_precision="no")
+    (tmp_path / "head").mkdir()
+    (tmp_path / "head" / "cache").symlink_to(tmp_path / "cache")
+    train_head_module.train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 4] and "explained_generated" in lines[-1]
+    with pytest.raises(ValueError, match="--generated-share"):
+        train_head_module.train(replace(cfg, generated_share=1.5))
+
+
 def test_balanced_token_picks_draw_every_pool_equally():
     from train.train_head import pick_tokens
     ends = torch.tensor([100, 500])  # pool 0: tokens 0-99, pool 1: tokens 100-499

@@ -5,17 +5,22 @@ hidden state plus the embedding of its true last-scale codes, as in `evaluate.re
 and residual targets never change, so they are computed once per wording and cached; a step then
 runs the head alone, where `train_ar` runs the transformer forward on every step. One process.
 
-`--diff-width` other than the model's starts a new head; `--diff-depth` above the model's appends residual blocks whose zeroed modulation makes each one the
-identity at first, so training starts from the trained head's function. The log's `explained` is
+`--diff-width` other than the model's starts a new head; `--diff-depth` above the model's appends
+residual blocks whose zeroed modulation makes each one the identity at first, so training starts
+from the trained head's function. The log's `explained` is
 the share of the residual's variance that the head's temperature-0 sample explains on a fixed set
 of exact-caption tokens (the quantity that turns into residual gain in dB).
+
+`--generated-share` draws that share of each batch from the model's own generations instead
+(`generated_conditions`): there the head sees the tokens the transformer sampled, as in the app, and
+learns the distance from them to the image, not only the tokenizer's remainder given the true tokens.
 
     python -m train.train_head --model runs/ar128q/package --out runs/head128 --diff-depth 6 --steps 20000
     python -m train.package --model runs/head128/model --name hart-emoji --out runs/head128/package
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 import copy
 import hashlib
 import json
@@ -29,9 +34,11 @@ from tqdm import tqdm
 from hart.checkpoint import read_weights, write_weights
 from hart.diffusion import ResidualDiffusionHead
 from hart.pipeline import HARTPipeline
+from hart.sampler import sample
 from .common import (adamw_decaying_matrices, Checkpointer, cosine_lr, EMA, hash_weights, load_config,
                      make_accelerator, RunLog, set_lr, step_generator, StopSignal, unwrap)
 from .data import load_dataset
+from .evaluate import retrieval_features, retrieve
 
 
 @dataclass
@@ -48,6 +55,7 @@ class HeadTrainConfig:
     low_t_max: int = 300
     sample_loss_weight: float = 0.0    # > 0: add this times the unrolled temperature-0 sample's MSE
     balance_resolutions: bool = False  # each batch draws equally from every resolution's tokens
+    generated_share: float = 0.0       # share of each batch from the model's own generations (see below)
     batch_tokens: int = 1024
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -119,6 +127,53 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
     return result["conditions"], result["residuals"].float()
 
 
+@torch.no_grad()
+def generated_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: int, folder: Path,
+                         batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditions [N, P^2, C] fp16, targets [N, P^2, D]) from the model's own generations.
+
+    Every image is generated from its W wordings at the model's default sampling settings (head
+    off) and kept when the discrete image retrieves its own emoji. The target is the image's latent
+    minus the *generated* discrete latent: at inference the head's tokens are the transformer's
+    samples, not the tokenizer's (the official training only ever shows it the latter), so here it
+    also learns to correct the sampled tokens' errors. Cached like `head_conditions`."""
+    tf, tok = pipe.transformer, pipe.tokenizer
+    scales = pipe.schedules[resolution]
+    opts = replace(pipe.sampling_defaults, use_residual=False)
+    dataset = load_dataset(data, resolution, "all", caption_variation=True)
+    digest = hashlib.sha256(json.dumps(["generated", resolution, list(scales), wordings, dataset.source,
+                                        len(dataset.captions), asdict(opts)]).encode())
+    for module in (tf, tok):
+        hash_weights(digest, module, skip_prefix="diffloss.")
+    path = folder / f"generated_{resolution}_{digest.hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        cached = read_weights(path)
+        return cached["conditions"], cached["residuals"].float()
+    n = len(dataset.captions)
+    database = torch.cat([retrieval_features(torch.stack([dataset.image(i) for i in range(s, min(n, s + 256))]))
+                          for s in range(0, n, 256)])
+    conditions, residuals, kept = [], [], 0
+    for start in (bar := tqdm(range(0, n, batch), desc=f"generated conditions {resolution}px")):
+        ids = list(range(start, min(n, start + batch)))
+        images = torch.stack([dataset.image(i) for i in ids])
+        latent = tok.encode_latent(images).flatten(2).transpose(1, 2)
+        for w in range(wordings):
+            dataset.set_epoch(w - 1)
+            texts = [dataset.captions[i]["text"] if w == 0 else dataset.caption(i) for i in ids]
+            states, _, positions = pipe.text_encoder(texts)
+            out = sample(tf, tok, states, positions, scales, opts, torch.Generator().manual_seed(start * wordings + w))
+            rank, _ = retrieve(tok.decode(out.fhat_discrete).float(), database, torch.tensor(ids))
+            hit = rank == 0
+            conditions.append(out.head_condition[hit].half())
+            residuals.append((latent - out.fhat_discrete.flatten(2).transpose(1, 2))[hit].half())
+            kept += int(hit.sum())
+        bar.set_postfix(kept=f"{kept / ((start + len(ids)) * wordings):.2f}")
+    result = {"conditions": torch.cat(conditions), "residuals": torch.cat(residuals)}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_weights(result, path)
+    return result["conditions"], result["residuals"].float()
+
+
 def pick_tokens(pool_ends: torch.Tensor, count: int, balance: bool, generator: torch.Generator) -> torch.Tensor:
     """`count` token indices into pools laid end to end (pool i ends at pool_ends[i]): uniform over
     all tokens, or with `balance` the same share from every pool (the 64 px pool is 4x smaller)."""
@@ -148,6 +203,8 @@ def train(cfg: HeadTrainConfig) -> dict:
         raise ValueError("--wordings and --batch-tokens must be at least 1")
     if cfg.sample_loss_weight < 0:
         raise ValueError(f"--sample-loss-weight must be >= 0, got {cfg.sample_loss_weight}")
+    if not 0 <= cfg.generated_share <= 1:
+        raise ValueError(f"--generated-share must be in [0, 1], got {cfg.generated_share}")
     if not 0 <= cfg.cond_drop < 1:
         raise ValueError(f"--cond-drop must be in [0, 1), got {cfg.cond_drop}")
     out = Path(cfg.out)
@@ -174,6 +231,22 @@ def train(cfg: HeadTrainConfig) -> dict:
     pool_ends = torch.tensor([len(t) for t in target_parts]).cumsum(0)
     gen = torch.Generator().manual_seed(cfg.seed)
     eval_ids = torch.randperm(len(targets), generator=gen)[:cfg.eval_tokens]
+    generated_count = round(cfg.generated_share * cfg.batch_tokens)
+    if generated_count:
+        parts = [generated_conditions(pipe, cfg.data, r, cfg.wordings, out / "cache") for r in pipe.resolutions]
+        z_generated = torch.cat([z.flatten(0, 1) for z, _ in parts])
+        generated_targets = torch.cat([t.flatten(0, 1) for _, t in parts])
+        generated_ends = torch.tensor([t.shape[0] * t.shape[1] for _, t in parts]).cumsum(0)
+        if not len(generated_targets):
+            raise ValueError("no generation retrieved its own image: --generated-share has no tokens to train on")
+        generated_eval_ids = torch.randperm(len(generated_targets), generator=gen)[:cfg.eval_tokens]
+
+    def explained_all(trained: ResidualDiffusionHead) -> dict:
+        result = {"explained": round(explained_variance(trained, z_all[0, eval_ids], targets[eval_ids]), 4)}
+        if generated_count:
+            result["explained_generated"] = round(explained_variance(
+                trained, z_generated[generated_eval_ids], generated_targets[generated_eval_ids]), 4)
+        return result
 
     accelerator = make_accelerator(cfg.mixed_precision, log_dir=out)
     ema = EMA(head, cfg.ema_decay)
@@ -190,20 +263,26 @@ def train(cfg: HeadTrainConfig) -> dict:
     started = last_ckpt = time.time()
     step = start_step
     if start_step == 0:
-        log.write(0, explained=round(explained_variance(head, z_all[0, eval_ids], targets[eval_ids]), 4))
+        log.write(0, **explained_all(head))
     with StopSignal(accelerator) as stop:
         for step in tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="head"):
             set_lr(optimizer, cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup))
             g = step_generator(cfg.seed, step)
-            picked = pick_tokens(pool_ends, cfg.batch_tokens, cfg.balance_resolutions, g)
-            wording = torch.randint(0, cfg.wordings, (cfg.batch_tokens,), generator=g)
-            wording[torch.rand(cfg.batch_tokens, generator=g) < cfg.cond_drop] = cfg.wordings  # empty prompt
+            count = cfg.batch_tokens - generated_count
+            picked = pick_tokens(pool_ends, count, cfg.balance_resolutions, g)
+            wording = torch.randint(0, cfg.wordings, (count,), generator=g)
+            wording[torch.rand(count, generator=g) < cfg.cond_drop] = cfg.wordings  # empty prompt
+            z, target = z_all[wording, picked].float(), targets[picked]
+            prompted = wording < cfg.wordings  # the empty prompt's rows only teach CFG's other half
+            if generated_count:
+                chosen = pick_tokens(generated_ends, generated_count, cfg.balance_resolutions, g)
+                z = torch.cat([z, z_generated[chosen].float()])
+                target = torch.cat([target, generated_targets[chosen]])
+                prompted = torch.cat([prompted, prompted.new_ones(generated_count)])
             with accelerator.autocast():
                 trained_head = unwrap(accelerator, model)
-                z, target = z_all[wording, picked].float(), targets[picked]
                 loss = trained_head.loss(target, z, generator=g, low_t_share=cfg.low_t_share, low_t_max=cfg.low_t_max)
                 if cfg.sample_loss_weight:
-                    prompted = wording < cfg.wordings  # the empty prompt's rows only teach CFG's other half
                     loss = loss + cfg.sample_loss_weight * trained_head.sample_loss(
                         target[prompted], z[prompted], generator=g)
             optimizer.zero_grad(set_to_none=True)
@@ -212,8 +291,8 @@ def train(cfg: HeadTrainConfig) -> dict:
             ema.update(unwrap(accelerator, model), step)
             if (step + 1) % cfg.log_every == 0:
                 with accelerator.autocast():
-                    explained = explained_variance(ema_copy(ema, head), z_all[0, eval_ids], targets[eval_ids])
-                log.write(step + 1, loss=round(loss.item(), 5), explained=round(explained, 4),
+                    explained = explained_all(ema_copy(ema, head))
+                log.write(step + 1, loss=round(loss.item(), 5), **explained,
                           lr=round(optimizer.param_groups[0]["lr"], 7))
             done = step + 1 == cfg.steps
             out_of_time = (cfg.max_minutes and (time.time() - started) / 60 >= cfg.max_minutes) or stop.requested()
