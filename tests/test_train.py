@@ -382,7 +382,7 @@ def test_head_learns_from_the_models_own_generations(shapes_data, tiny_tokenizer
     pipe = HARTPipeline.from_pretrained(tmp_path / "ar" / "model")
     args = (pipe, str(shapes_data), 32, 2)
     monkeypatch.setattr(train_head_module, "retrieve", lambda images, db, targets: (torch.ones(len(targets)), None))
-    with pytest.raises(ValueError, match="no generation retrieved"):  # every one missed
+    with pytest.raises(ValueError, match="no 32 px generation retrieved"):  # every one missed
         train_head_module.train(train_head_module.HeadTrainConfig(
             model=str(tmp_path / "ar" / "model"), data=str(shapes_data), out=str(tmp_path / "missed"),
             generated_share=0.5, steps=2, mixed_precision="no"))

@@ -7,9 +7,9 @@ runs the head alone, where `train_ar` runs the transformer forward on every step
 
 `--diff-width` other than the model's starts a new head; `--diff-depth` above the model's appends
 residual blocks whose zeroed modulation makes each one the identity at first, so training starts
-from the trained head's function. The log's `explained` is
-the share of the residual's variance that the head's temperature-0 sample explains on a fixed set
-of exact-caption tokens (the quantity that turns into residual gain in dB).
+from the trained head's function. The log's `explained` is the share of the residual's variance
+that the head's temperature-0 sample explains on a fixed set of exact-caption tokens (the quantity
+that turns into residual gain in dB).
 
 `--generated-share` draws that share of each batch from the model's own generations instead
 (`generated_conditions`): there the head sees the tokens the transformer sampled, as in the app, and
@@ -236,9 +236,11 @@ def train(cfg: HeadTrainConfig) -> dict:
         parts = [generated_conditions(pipe, cfg.data, r, cfg.wordings, out / "cache") for r in pipe.resolutions]
         z_generated = torch.cat([z.flatten(0, 1) for z, _ in parts])
         generated_targets = torch.cat([t.flatten(0, 1) for _, t in parts])
+        for resolution, (_, t) in zip(pipe.resolutions, parts):
+            if not len(t):
+                raise ValueError(f"no {resolution} px generation retrieved its own image: --generated-share "
+                                 "has no tokens to train on there")
         generated_ends = torch.tensor([t.shape[0] * t.shape[1] for _, t in parts]).cumsum(0)
-        if not len(generated_targets):
-            raise ValueError("no generation retrieved its own image: --generated-share has no tokens to train on")
         generated_eval_ids = torch.randperm(len(generated_targets), generator=gen)[:cfg.eval_tokens]
 
     def explained_all(trained: ResidualDiffusionHead) -> dict:
