@@ -86,6 +86,29 @@ def deepen(head: ResidualDiffusionHead, depth: int) -> ResidualDiffusionHead:
     return grown  # new blocks: initialize_weights zeroed their modulation, so gate = 0
 
 
+def cached_pool(pipe: HARTPipeline, folder: Path, name: str, key: list, build) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditions fp16, residuals fp32) read from `folder`, or made by `build()` and written there,
+    under a hash of `key` and the frozen transformer and tokenizer (not the head: training it does
+    not change its inputs)."""
+    digest = hashlib.sha256(json.dumps(key).encode())
+    for module in (pipe.transformer, pipe.tokenizer):
+        hash_weights(digest, module, skip_prefix="diffloss.")
+    path = folder / f"{name}_{digest.hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        result = read_weights(path)
+    else:
+        result = build()
+        folder.mkdir(parents=True, exist_ok=True)
+        write_weights(result, path)
+    return result["conditions"], result["residuals"].float()
+
+
+def wording_texts(dataset, ids, w: int) -> list[str]:
+    """Wording w of the images `ids`: 0 is the exact caption, 1.. a varied one (fixed per w)."""
+    dataset.set_epoch(w - 1)
+    return [dataset.captions[i]["text"] if w == 0 else dataset.caption(i) for i in ids]
+
+
 @torch.no_grad()
 def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: int, folder: Path,
                     batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,36 +118,28 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
     tf, tok = pipe.transformer, pipe.tokenizer
     scales = pipe.schedules[resolution]
     dataset = load_dataset(data, resolution, "all", caption_variation=True)
-    digest = hashlib.sha256(json.dumps([resolution, list(scales), wordings, dataset.source,
-                                        len(dataset.captions)]).encode())
-    for module in (tf, tok):
-        hash_weights(digest, module, skip_prefix="diffloss.")  # the head trained does not change its inputs
-    path = folder / f"head_{resolution}_{digest.hexdigest()[:16]}.safetensors"
-    if path.is_file():
-        cached = read_weights(path)
-        return cached["conditions"], cached["residuals"].float()
     n = len(dataset.captions)
-    conditions, residuals = [], []
-    for start in tqdm(range(0, n, batch), desc=f"head conditions {resolution}px"):
-        ids = range(start, min(n, start + batch))
-        indices, residual = tok.encode(torch.stack([dataset.image(i) for i in ids]), scales)
-        inputs = tok.quantize.teacher_forcing_inputs(indices, scales)
-        codes = tok.codebook[indices[-1]]
-        per_wording = []
-        for w in range(wordings):
-            dataset.set_epoch(w - 1)
-            texts = [dataset.captions[i]["text"] if w == 0 else dataset.caption(i) for i in ids]
-            states, _, positions = pipe.text_encoder(texts)
-            _, hidden_last, _ = tf(states, positions, inputs, scales)
+
+    def build() -> dict:
+        conditions, residuals = [], []
+        for start in tqdm(range(0, n, batch), desc=f"head conditions {resolution}px"):
+            ids = range(start, min(n, start + batch))
+            indices, residual = tok.encode(torch.stack([dataset.image(i) for i in ids]), scales)
+            inputs = tok.quantize.teacher_forcing_inputs(indices, scales)
+            codes = tok.codebook[indices[-1]]
+            per_wording = []
+            for w in range(wordings):
+                states, _, positions = pipe.text_encoder(wording_texts(dataset, ids, w))
+                _, hidden_last, _ = tf(states, positions, inputs, scales)
+                per_wording.append(tf.diffusion_condition(hidden_last, codes).half())
+            _, hidden_last, _ = tf(torch.zeros_like(states), torch.zeros_like(positions), inputs, scales)
             per_wording.append(tf.diffusion_condition(hidden_last, codes).half())
-        _, hidden_last, _ = tf(torch.zeros_like(states), torch.zeros_like(positions), inputs, scales)
-        per_wording.append(tf.diffusion_condition(hidden_last, codes).half())
-        conditions.append(torch.stack(per_wording))
-        residuals.append(residual.half())
-    result = {"conditions": torch.cat(conditions, 1), "residuals": torch.cat(residuals)}
-    folder.mkdir(parents=True, exist_ok=True)
-    write_weights(result, path)
-    return result["conditions"], result["residuals"].float()
+            conditions.append(torch.stack(per_wording))
+            residuals.append(residual.half())
+        return {"conditions": torch.cat(conditions, 1), "residuals": torch.cat(residuals)}
+
+    return cached_pool(pipe, folder, f"head_{resolution}",
+                       [resolution, list(scales), wordings, dataset.source, n], build)
 
 
 @torch.no_grad()
@@ -141,37 +156,30 @@ def generated_conditions(pipe: HARTPipeline, data: str, resolution: int, wording
     scales = pipe.schedules[resolution]
     opts = replace(pipe.sampling_defaults, use_residual=False)
     dataset = load_dataset(data, resolution, "all", caption_variation=True)
-    digest = hashlib.sha256(json.dumps(["generated", resolution, list(scales), wordings, dataset.source,
-                                        len(dataset.captions), asdict(opts)]).encode())
-    for module in (tf, tok):
-        hash_weights(digest, module, skip_prefix="diffloss.")
-    path = folder / f"generated_{resolution}_{digest.hexdigest()[:16]}.safetensors"
-    if path.is_file():
-        cached = read_weights(path)
-        return cached["conditions"], cached["residuals"].float()
     n = len(dataset.captions)
-    database = torch.cat([retrieval_features(torch.stack([dataset.image(i) for i in range(s, min(n, s + 256))]))
-                          for s in range(0, n, 256)])
-    conditions, residuals, kept = [], [], 0
-    for start in (bar := tqdm(range(0, n, batch), desc=f"generated conditions {resolution}px")):
-        ids = list(range(start, min(n, start + batch)))
-        images = torch.stack([dataset.image(i) for i in ids])
-        latent = tok.encode_latent(images).flatten(2).transpose(1, 2)
-        for w in range(wordings):
-            dataset.set_epoch(w - 1)
-            texts = [dataset.captions[i]["text"] if w == 0 else dataset.caption(i) for i in ids]
-            states, _, positions = pipe.text_encoder(texts)
-            out = sample(tf, tok, states, positions, scales, opts, torch.Generator().manual_seed(start * wordings + w))
-            rank, _ = retrieve(tok.decode(out.fhat_discrete).float(), database, torch.tensor(ids))
-            hit = rank == 0
-            conditions.append(out.head_condition[hit].half())
-            residuals.append((latent - out.fhat_discrete.flatten(2).transpose(1, 2))[hit].half())
-            kept += int(hit.sum())
-        bar.set_postfix(kept=f"{kept / ((start + len(ids)) * wordings):.2f}")
-    result = {"conditions": torch.cat(conditions), "residuals": torch.cat(residuals)}
-    folder.mkdir(parents=True, exist_ok=True)
-    write_weights(result, path)
-    return result["conditions"], result["residuals"].float()
+
+    def build() -> dict:
+        database = torch.cat([retrieval_features(torch.stack([dataset.image(i) for i in range(s, min(n, s + 256))]))
+                              for s in range(0, n, 256)])
+        conditions, residuals, kept = [], [], 0
+        for start in (bar := tqdm(range(0, n, batch), desc=f"generated conditions {resolution}px")):
+            ids = list(range(start, min(n, start + batch)))
+            images = torch.stack([dataset.image(i) for i in ids])
+            latent = tok.encode_latent(images).flatten(2).transpose(1, 2)
+            for w in range(wordings):
+                states, _, positions = pipe.text_encoder(wording_texts(dataset, ids, w))
+                out = sample(tf, tok, states, positions, scales, opts,
+                             torch.Generator().manual_seed(start * wordings + w))
+                rank, _ = retrieve(tok.decode(out.fhat_discrete).float(), database, torch.tensor(ids))
+                hit = rank == 0
+                conditions.append(out.head_condition[hit].half())
+                residuals.append((latent - out.fhat_discrete.flatten(2).transpose(1, 2))[hit].half())
+                kept += int(hit.sum())
+            bar.set_postfix(kept=f"{kept / ((start + len(ids)) * wordings):.2f}")
+        return {"conditions": torch.cat(conditions), "residuals": torch.cat(residuals)}
+
+    return cached_pool(pipe, folder, f"generated_{resolution}",
+                       ["generated", resolution, list(scales), wordings, dataset.source, n, asdict(opts)], build)
 
 
 def pick_tokens(pool_ends: torch.Tensor, count: int, balance: bool, generator: torch.Generator) -> torch.Tensor:
