@@ -108,6 +108,17 @@ def gumbel_codes(logits: torch.Tensor, ratio: float, codebook: torch.Tensor,
     return weights.to(codebook.dtype) @ codebook
 
 
+def expected_code_offset(logits: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """sum_k p_k c_k - c_idx per token: from the drawn code to the code the transformer expects,
+    p = softmax(logits) at temperature 1 (logits [B, n, V], idx [B, n] -> [B, n, D]).
+
+    At a fine scale a small transformer is often unsure between near-identical codes: the drawn one
+    is then mostly wrong while the expectation is close (runs/sampled-residual/NOTES.md). Models with
+    `head_expected_code` start the residual from this offset."""
+    expected = logits.float().softmax(-1) @ codebook.float()
+    return (expected - codebook[idx].float()).to(codebook.dtype)
+
+
 @dataclass
 class SampleOutput:
     indices: list[torch.Tensor]      # per scale [B, pn^2]
@@ -115,7 +126,8 @@ class SampleOutput:
     residual: torch.Tensor | None    # [B, P^2, Cvae] or None when the head is off
     logits: list[torch.Tensor]       # guided logits per scale (for inspection and parity)
     diffusion_time: float = 0.0
-    head_condition: torch.Tensor | None = None  # [B, P^2, C]: the head's conditional input
+    head_condition: torch.Tensor | None = None  # [B, P^2, C]: the official condition of the head
+    residual_offset: torch.Tensor | None = None  # [B, P^2, D]: expected-code offset (head_expected_code)
 
 
 def sample(*args, **kwargs) -> SampleOutput:
@@ -188,6 +200,7 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
             logits = (1 + t) * logits[:B] - t * logits[B:]
         if keep_logits:
             all_logits.append(logits)
+        guided_logits = logits  # before any filter
         if 1 < opts.top_k < logits.shape[-1] and not opts.top_p and not opts.more_smooth:
             idx = sample_top_k(logits, opts.top_k, opts.temperature, generator)
         else:
@@ -206,16 +219,20 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
         fhat = fhat + codes
         word = codebook[idx].to(dtype)
         head_condition = transformer.diffusion_condition(hidden[:B], word)
+        offset = (expected_code_offset(guided_logits, codebook, idx)
+                  if transformer.config.head_expected_code else None)
         if opts.use_residual:
             start = time.perf_counter()
             head_cfg = t if opts.residual_cfg is None else opts.residual_cfg
             head_guided = guided and head_cfg != 0  # unguided: the head runs the conditional rows only
-            C = head_condition.shape[-1]
-            z_cond = head_condition.reshape(-1, C)
-            z_uncond = transformer.diffusion_condition(hidden[B:], word).reshape(-1, C) if head_guided else None
+            z_cond = transformer.head_input(head_condition, offset).flatten(0, 1)
+            z_uncond = (transformer.head_input(transformer.diffusion_condition(hidden[B:], word), offset)
+                        .flatten(0, 1) if head_guided else None)
             flat = transformer.diffloss.sample(z_cond, z_uncond, cfg=head_cfg, steps=opts.diffusion_steps,
                                                temperature=opts.residual_temperature, generator=generator,
                                                noise=diffusion_noise)
             residual = flat.view(B, P * P, -1).to(fhat.dtype)
+            if offset is not None:
+                residual = residual + offset.to(fhat.dtype)
             diffusion_time = time.perf_counter() - start
-    yield SampleOutput(indices, fhat, residual, all_logits, diffusion_time, head_condition)
+    yield SampleOutput(indices, fhat, residual, all_logits, diffusion_time, head_condition, offset)

@@ -41,6 +41,9 @@ class TransformerConfig:
     diffusion_batch_mul: int = 4      # training: repeats of each residual token
     residual_scale: float = RESIDUAL_SCALE  # residual / scale is what the head models: aim for std ~0.2
     resolution_sides: tuple[int, ...] = ()  # finest-grid sides with a learned text-slot vector (text_level)
+    # not official: the residual starts from the expected last-scale code's offset from the sampled
+    # one, and the head reads that offset too (`head_input`, `sampler.expected_code_offset`)
+    head_expected_code: bool = False
 
     def __post_init__(self):
         self.patch_nums = tuple(self.patch_nums)
@@ -251,7 +254,8 @@ class HARTTransformer(nn.Module):
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
         self.decoder_norm = RMSNorm(C, cfg.norm_eps)
-        self.diffloss = ResidualDiffusionHead(cfg.token_dim, C, cfg.diff_width, cfg.diff_depth,
+        head_cond_dim = C + (cfg.token_dim if cfg.head_expected_code else 0)
+        self.diffloss = ResidualDiffusionHead(cfg.token_dim, head_cond_dim, cfg.diff_width, cfg.diff_depth,
                                               cfg.num_sampling_steps, cfg.residual_scale)
         # not in the official model (none there): one vector per trained resolution, zero at first
         self.resolution_embed = (nn.Parameter(torch.zeros(len(cfg.resolution_sides), C))
@@ -299,6 +303,15 @@ class HARTTransformer(nn.Module):
     def diffusion_condition(self, hidden_last: torch.Tensor, codes_last: torch.Tensor) -> torch.Tensor:
         """z = decoder_norm(h + word_embed(code)) for each last-scale token."""
         return self.decoder_norm(hidden_last + self.word_embed(codes_last))
+
+    def head_input(self, condition: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """The residual head's input: the official condition, followed by the expected-code offset
+        [..., token_dim] on models with `head_expected_code`."""
+        if not self.config.head_expected_code:
+            return condition
+        if offset is None:
+            raise ValueError("this model's residual head reads the expected-code offset: pass it")
+        return torch.cat([condition, offset.to(condition.dtype)], -1)
 
     def _rope(self, angles: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]

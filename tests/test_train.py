@@ -389,7 +389,9 @@ def test_head_learns_from_the_models_own_generations(shapes_data, tiny_tokenizer
     # images 0, 3 and 6 retrieve themselves (rank 0), from both wordings
     monkeypatch.setattr(train_head_module, "retrieve",
                         lambda images, db, targets: ((targets % 3 != 0).long(), None))
-    conditions, targets = train_head_module.generated_conditions(*args, tmp_path / "cache", batch=4)
+    pool = train_head_module.generated_conditions(*args, tmp_path / "cache", batch=4)
+    conditions, targets = pool["conditions"], pool["residuals"]
+    assert "offsets" not in pool  # an official-style head
     assert conditions.shape[:2] == targets.shape[:2] == (6, 16)
     # recompute the first kept row (image 0, its exact caption) by hand
     dataset = load_dataset(str(shapes_data), 32, "all", caption_variation=True)
@@ -404,7 +406,7 @@ def test_head_learns_from_the_models_own_generations(shapes_data, tiny_tokenizer
     assert torch.allclose(conditions[0].float(), out.head_condition[0], atol=1e-2)
     assert not torch.allclose(targets[0], targets[2], atol=1e-3)  # image 3 follows image 0's two rows
     cached = train_head_module.generated_conditions(*args, tmp_path / "cache")
-    assert torch.equal(cached[1], targets)  # read back from the cache, not regenerated
+    assert torch.equal(cached["residuals"], targets)  # read back from the cache, not regenerated
     # and a head trains on a half-generated batch
     cfg = train_head_module.HeadTrainConfig(model=str(tmp_path / "ar" / "model"), data=str(shapes_data),
                                             out=str(tmp_path / "head"), generated_share=0.5, batch_tokens=64,
@@ -416,6 +418,59 @@ def test_head_learns_from_the_models_own_generations(shapes_data, tiny_tokenizer
     assert [line["step"] for line in lines] == [0, 4] and "explained_generated" in lines[-1]
     with pytest.raises(ValueError, match="--generated-share"):
         train_head_module.train(replace(cfg, generated_share=1.5))
+
+
+def test_expected_code_head_starts_from_the_trained_head_plus_the_offset(shapes_data, tiny_tokenizer, tmp_path):
+    """`--expected-code`: the widened head computes what the trained head did, the sampler's residual
+    is that plus sum_k p_k c_k - c_drawn under the guided logits, and a trained model round-trips."""
+    from hart.sampler import sample
+    from train.data import load_dataset
+    from train.evaluate import residual_head_check
+    from train.train_head import HeadTrainConfig, read_expected_code, train as train_head
+    train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=2, checkpoint_every=2))
+    pipe = HARTPipeline.from_pretrained(tmp_path / "ar" / "model")
+    tf, tok, scales = pipe.transformer, pipe.tokenizer, pipe.schedules[32]
+    opts = replace(pipe.sampling_defaults, cfg=2.0, residual_cfg=1.0, residual_temperature=1.0)
+    with torch.no_grad():
+        states, _, positions = pipe.text_encoder(["red square", "blue circle"])
+        draw = lambda: sample(tf, tok, states, positions, scales, opts, torch.Generator().manual_seed(3),
+                              keep_logits=True)
+        official = draw()
+        tf.diffloss = read_expected_code(tf.diffloss)
+        tf.config.head_expected_code = True
+        with pytest.raises(ValueError, match="expected-code offset"):
+            tf.head_input(official.head_condition, None)
+        extended = draw()
+    assert all(torch.equal(a, b) for a, b in zip(official.indices, extended.indices))
+    probs = extended.logits[-1].softmax(-1)
+    by_hand = probs @ tok.codebook - tok.codebook[extended.indices[-1]]
+    assert torch.allclose(extended.residual_offset, by_hand, atol=1e-5) and by_hand.abs().max() > 1e-3
+    assert torch.allclose(extended.residual, official.residual + by_hand, atol=1e-4)
+
+    cfg = HeadTrainConfig(model=str(tmp_path / "ar" / "model"), data=str(shapes_data), out=str(tmp_path / "head"),
+                          expected_code=True, generated_share=0.5, batch_tokens=64, steps=4, log_every=4,
+                          eval_tokens=64, mixed_precision="no")
+    train_head(cfg)
+    cache = sorted((tmp_path / "head" / "cache").glob("*.safetensors"))
+    assert [p.name.split("_")[0] for p in cache] == ["generated", "head"]
+    teacher = read_weights(cache[1])
+    assert teacher["offsets"].shape == teacher["conditions"].shape[:-1] + (tok.codebook.shape[1],)
+    assert torch.equal(teacher["offsets"][-1], teacher["offsets"][0])  # empty prompt: wording 0's offset
+    assert read_weights(cache[0])["offsets"].shape == read_weights(cache[0])["residuals"].shape
+    trained = HARTPipeline.from_pretrained(tmp_path / "head" / "model")
+    C, D = trained.transformer.config.embed_dim, tok.codebook.shape[1]
+    assert trained.transformer.config.head_expected_code
+    assert trained.transformer.diffloss.net.cond_embed.in_features == C + D
+    assert trained("red square", resolution=32, seed=0).images[0].size == (32, 32)
+    dataset = load_dataset(str(shapes_data), 32, "all")
+    check = residual_head_check(trained, torch.stack([dataset.image(i) for i in range(2)]),
+                                [dataset.captions[i]["text"] for i in range(2)], scales, count=2)
+    assert math.isfinite(check["predicted_residual_gain_db"])
+    # the AR trainer keeps the extension when it warm-starts from such a model (its head loss reads the offset)
+    train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "again", steps=2, checkpoint_every=2,
+                       init_from=str(tmp_path / "head" / "model")))
+    again = HARTPipeline.from_pretrained(tmp_path / "again" / "model").transformer
+    assert again.config.head_expected_code and again.diffloss.net.cond_embed.in_features == C + D
 
 
 def test_balanced_token_picks_draw_every_pool_equally():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from hart.pipeline import HARTPipeline
 from hart.presets import get_preset
+from hart.sampler import expected_code_offset
 from .data import HELD_OUT_TEMPLATES, load_dataset
 from .metrics import psnr
 from .train_ar import load_tokenizer
@@ -120,11 +121,15 @@ def residual_head_check(pipe, references: torch.Tensor, captions: list[str], sca
     states, _, positions = pipe.text_encoder([captions[int(i)] for i in picked])
     dtype = tf.word_embed.weight.dtype
     inputs = tok.quantize.teacher_forcing_inputs(indices, scales)
-    _, hidden_last, _ = tf(states.to(dtype), positions, inputs.to(dtype), scales)
-    z = tf.diffusion_condition(hidden_last, tok.codebook[indices[-1]].to(dtype))
+    logits, hidden_last, _ = tf(states.to(dtype), positions, inputs.to(dtype), scales)
+    offset = (expected_code_offset(logits[:, -hidden_last.shape[1]:], tok.codebook, indices[-1])
+              if tf.config.head_expected_code else None)
+    z = tf.head_input(tf.diffusion_condition(hidden_last, tok.codebook[indices[-1]].to(dtype)), offset)
     predicted = tf.diffloss.sample(z.flatten(0, 1), steps=pipe.sampling_defaults.diffusion_steps,
                                    temperature=pipe.sampling_defaults.residual_temperature,
                                    generator=torch.Generator().manual_seed(seed)).view_as(residual)
+    if offset is not None:
+        predicted = predicted + offset
     base = psnr(tok.decode(fhat), images)
     error = (predicted.float() - residual.float()).square().mean() / residual.float().square().mean()
     return {"images": len(picked),

@@ -30,6 +30,7 @@ from hart.checkpoint import (config_from_dict, load_into, read_json, read_weight
                              write_weights)
 from hart.pipeline import HARTPipeline, write_pipeline
 from hart.presets import get_preset
+from hart.sampler import expected_code_offset
 from hart.text_encoder import TextEncoder
 from hart.tokenizer import HybridTokenizer, TokenizerConfig
 from hart.transformer import HARTTransformer
@@ -197,8 +198,13 @@ class ARLoss(nn.Module):
             probs = logits[:, -n_last:].detach().float().softmax(-1)
             sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:2])
         codes = self.codebook[sampled]
-        z = tf.diffusion_condition(hidden_last, codes)
-        target = (rest_kept - codes).flatten(0, 1)
+        target = rest_kept - codes
+        offset = None
+        if tf.config.head_expected_code:
+            offset = expected_code_offset(logits[:, -n_last:].detach(), self.codebook, sampled)
+            target = target - offset
+        z = tf.head_input(tf.diffusion_condition(hidden_last, codes), offset)
+        target = target.flatten(0, 1)
         mul = self.cfg.diffusion_batch_mul
         diff = tf.diffloss.loss(target.repeat(mul, 1), z.flatten(0, 1).repeat(mul, 1), generator=generator,
                                low_t_share=self.cfg.diffusion_low_t_share, low_t_max=self.cfg.diffusion_low_t_max)
@@ -287,9 +293,9 @@ def train(cfg: ARTrainConfig) -> dict:
         raise ValueError(f"--residual-scale must be positive (or 0 to keep the model's), got {cfg.residual_scale}")
     init_config_path = Path(cfg.init_from) / "transformer" / "config.json"
     if cfg.init_from and init_config_path.is_file():
-        # keep the warm-started head's shape (train_head may have deepened it) and units
+        # keep the warm-started head's shape (train_head may have deepened it), units and inputs
         init_config = read_json(init_config_path)
-        for name in ("diff_width", "diff_depth", "residual_scale", "resolution_sides"):
+        for name in ("diff_width", "diff_depth", "residual_scale", "resolution_sides", "head_expected_code"):
             setattr(tf_cfg, name, init_config.get(name, getattr(tf_cfg, name)))
     if cfg.residual_scale:
         tf_cfg.residual_scale = cfg.residual_scale

@@ -15,6 +15,12 @@ that turns into residual gain in dB).
 (`generated_conditions`): there the head sees the tokens the transformer sampled, as in the app, and
 learns the distance from them to the image, not only the tokenizer's remainder given the true tokens.
 
+`--expected-code true` turns the model into one with `head_expected_code` (not official): the residual
+starts from the expected last-scale code's offset from the drawn one (`sampler.expected_code_offset`,
+under the guided logits) and the head reads that offset through new condition columns that start at
+zero, so training starts from the trained head's function plus the offset. Both pools then store the
+offset; the head models what remains.
+
     python -m train.train_head --model runs/ar128q/package --out runs/head128 --diff-depth 6 --steps 20000
     python -m train.package --model runs/head128/model --name hart-emoji --out runs/head128/package
 """
@@ -34,7 +40,7 @@ from tqdm import tqdm
 from hart.checkpoint import read_weights, write_weights
 from hart.diffusion import ResidualDiffusionHead
 from hart.pipeline import HARTPipeline
-from hart.sampler import sample
+from hart.sampler import expected_code_offset, guidance_ramp, sample
 from .common import (adamw_decaying_matrices, Checkpointer, cosine_lr, EMA, hash_weights, load_config,
                      make_accelerator, RunLog, set_lr, step_generator, StopSignal, unwrap)
 from .data import load_dataset
@@ -56,6 +62,7 @@ class HeadTrainConfig:
     sample_loss_weight: float = 0.0    # > 0: add this times the unrolled temperature-0 sample's MSE
     balance_resolutions: bool = False  # each batch draws equally from every resolution's tokens
     generated_share: float = 0.0       # share of each batch from the model's own generations (see below)
+    expected_code: bool = False        # add the expected-code offset to the head (see the docstring)
     batch_tokens: int = 1024
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -86,10 +93,26 @@ def deepen(head: ResidualDiffusionHead, depth: int) -> ResidualDiffusionHead:
     return grown  # new blocks: initialize_weights zeroed their modulation, so gate = 0
 
 
-def cached_pool(pipe: HARTPipeline, folder: Path, name: str, key: list, build) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conditions fp16, residuals fp32) read from `folder`, or made by `build()` and written there,
-    under a hash of `key` and the frozen transformer and tokenizer (not the head: training it does
-    not change its inputs)."""
+def read_expected_code(head: ResidualDiffusionHead) -> ResidualDiffusionHead:
+    """A copy of `head` whose condition is token_dim wider (the expected-code offset) and whose
+    function is unchanged: the new condition columns start at zero."""
+    net = head.net
+    width, cond_dim = net.input_proj.out_features, net.cond_embed.in_features
+    wider = ResidualDiffusionHead(net.token_dim, cond_dim + net.token_dim, width, len(net.res_blocks),
+                                  head.sampling_steps, head.residual_scale)
+    state = head.state_dict()
+    weight = state["net.cond_embed.weight"]
+    state["net.cond_embed.weight"] = torch.cat([weight, weight.new_zeros(width, net.token_dim)], 1)
+    wider.load_state_dict(state)
+    return wider
+
+
+def cached_pool(pipe: HARTPipeline, folder: Path, name: str, key: list, build) -> dict[str, torch.Tensor]:
+    """{conditions fp16, residuals fp32, offsets fp16 (expected-code models)} read from `folder`, or
+    made by `build()` and written there, under a hash of `key` and the frozen transformer and
+    tokenizer (not the head: training it does not change its inputs)."""
+    if pipe.transformer.config.head_expected_code:
+        key = key + ["expected_code"]  # other keys unchanged: earlier caches still hit
     digest = hashlib.sha256(json.dumps(key).encode())
     for module in (pipe.transformer, pipe.tokenizer):
         hash_weights(digest, module, skip_prefix="diffloss.")
@@ -100,7 +123,8 @@ def cached_pool(pipe: HARTPipeline, folder: Path, name: str, key: list, build) -
         result = build()
         folder.mkdir(parents=True, exist_ok=True)
         write_weights(result, path)
-    return result["conditions"], result["residuals"].float()
+    result["residuals"] = result["residuals"].float()
+    return result
 
 
 def wording_texts(dataset, ids, w: int) -> list[str]:
@@ -111,32 +135,47 @@ def wording_texts(dataset, ids, w: int) -> list[str]:
 
 @torch.no_grad()
 def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: int, folder: Path,
-                    batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conditions [W + 1, N, P^2, C] fp16, residuals [N, P^2, D]) for every image at `resolution`:
+                    batch: int = 32) -> dict[str, torch.Tensor]:
+    """Conditions [W + 1, N, P^2, C] fp16 and residuals [N, P^2, D] for every image at `resolution`:
     W wordings, then the empty prompt (zero text states and positions, as the sampler's
-    unconditional rows), cached on disk under a hash of the model weights, data and W."""
+    unconditional rows), cached on disk under a hash of the model weights, data and W.
+
+    Expected-code models also get offsets [W + 1, N, P^2, D] under the guided teacher-forced logits
+    (the last scale's CFG weight at the default cfg; the empty prompt's rows reuse wording 0's)."""
     tf, tok = pipe.transformer, pipe.tokenizer
     scales = pipe.schedules[resolution]
     dataset = load_dataset(data, resolution, "all", caption_variation=True)
     n = len(dataset.captions)
 
+    with_offsets = tf.config.head_expected_code
+    t = guidance_ramp(pipe.sampling_defaults.cfg, len(scales))[-1]
+
     def build() -> dict:
-        conditions, residuals = [], []
+        conditions, residuals, offsets = [], [], []
         for start in tqdm(range(0, n, batch), desc=f"head conditions {resolution}px"):
             ids = range(start, min(n, start + batch))
             indices, residual = tok.encode(torch.stack([dataset.image(i) for i in ids]), scales)
             inputs = tok.quantize.teacher_forcing_inputs(indices, scales)
             codes = tok.codebook[indices[-1]]
-            per_wording = []
-            for w in range(wordings):
-                states, _, positions = pipe.text_encoder(wording_texts(dataset, ids, w))
-                _, hidden_last, _ = tf(states, positions, inputs, scales)
+            per_wording, per_wording_offset = [], []
+            for w in range(wordings + 1):
+                if w < wordings:
+                    states, _, positions = pipe.text_encoder(wording_texts(dataset, ids, w))
+                else:  # the empty prompt
+                    states, positions = torch.zeros_like(states), torch.zeros_like(positions)
+                logits, hidden_last, _ = tf(states, positions, inputs, scales)
                 per_wording.append(tf.diffusion_condition(hidden_last, codes).half())
-            _, hidden_last, _ = tf(torch.zeros_like(states), torch.zeros_like(positions), inputs, scales)
-            per_wording.append(tf.diffusion_condition(hidden_last, codes).half())
+                if with_offsets and w < wordings:
+                    per_wording_offset.append(logits[:, -codes.shape[1]:])
             conditions.append(torch.stack(per_wording))
             residuals.append(residual.half())
-        return {"conditions": torch.cat(conditions, 1), "residuals": torch.cat(residuals)}
+            if with_offsets:
+                unconditional = logits[:, -codes.shape[1]:]
+                offset = [expected_code_offset((1 + t) * cond - t * unconditional, tok.codebook, indices[-1])
+                          for cond in per_wording_offset]
+                offsets.append(torch.stack(offset + offset[:1]).half())
+        pool = {"conditions": torch.cat(conditions, 1), "residuals": torch.cat(residuals)}
+        return pool | ({"offsets": torch.cat(offsets, 1)} if with_offsets else {})
 
     return cached_pool(pipe, folder, f"head_{resolution}",
                        [resolution, list(scales), wordings, dataset.source, n], build)
@@ -144,8 +183,9 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
 
 @torch.no_grad()
 def generated_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: int, folder: Path,
-                         batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conditions [N, P^2, C] fp16, targets [N, P^2, D]) from the model's own generations.
+                         batch: int = 64) -> dict[str, torch.Tensor]:
+    """Conditions [N, P^2, C] fp16 and residuals [N, P^2, D] (plus offsets [N, P^2, D] on
+    expected-code models: the sampler's own) from the model's own generations.
 
     Every image is generated from its W wordings at the model's default sampling settings (head
     off) and kept when the discrete image retrieves its own emoji. The target is the image's latent
@@ -161,7 +201,7 @@ def generated_conditions(pipe: HARTPipeline, data: str, resolution: int, wording
     def build() -> dict:
         database = torch.cat([retrieval_features(torch.stack([dataset.image(i) for i in range(s, min(n, s + 256))]))
                               for s in range(0, n, 256)])
-        conditions, residuals, kept = [], [], 0
+        conditions, residuals, offsets, kept = [], [], [], 0
         for start in (bar := tqdm(range(0, n, batch), desc=f"generated conditions {resolution}px")):
             ids = list(range(start, min(n, start + batch)))
             images = torch.stack([dataset.image(i) for i in ids])
@@ -174,9 +214,12 @@ def generated_conditions(pipe: HARTPipeline, data: str, resolution: int, wording
                 hit = rank == 0
                 conditions.append(out.head_condition[hit].half())
                 residuals.append((latent - out.fhat_discrete.flatten(2).transpose(1, 2))[hit].half())
+                if out.residual_offset is not None:
+                    offsets.append(out.residual_offset[hit].half())
                 kept += int(hit.sum())
             bar.set_postfix(kept=f"{kept / ((start + len(ids)) * wordings):.2f}")
-        return {"conditions": torch.cat(conditions), "residuals": torch.cat(residuals)}
+        pool = {"conditions": torch.cat(conditions), "residuals": torch.cat(residuals)}
+        return pool | ({"offsets": torch.cat(offsets)} if offsets else {})
 
     return cached_pool(pipe, folder, f"generated_{resolution}",
                        ["generated", resolution, list(scales), wordings, dataset.source, n, asdict(opts)], build)
@@ -191,6 +234,16 @@ def pick_tokens(pool_ends: torch.Tensor, count: int, balance: bool, generator: t
     starts = torch.cat([pool_ends.new_zeros(1), pool_ends[:-1]])
     sizes = pool_ends - starts
     return starts[pool] + (torch.rand(count, generator=generator) * sizes[pool]).long().clamp(max=sizes[pool] - 1)
+
+
+def head_batch(pool: dict[str, torch.Tensor], rows, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head input z, target) of a pool's `rows` (conditions and offsets) and `tokens` (residuals):
+    with offsets the head reads the offset and models the residual beyond it."""
+    z, target = pool["conditions"][rows].float(), pool["residuals"][tokens]
+    if "offsets" not in pool:
+        return z, target
+    offset = pool["offsets"][rows].float()
+    return torch.cat([z, offset], -1), target - offset
 
 
 def ema_copy(ema: EMA, head: ResidualDiffusionHead) -> ResidualDiffusionHead:
@@ -221,6 +274,9 @@ def train(cfg: HeadTrainConfig) -> dict:
     pipe.tokenizer.float()
     tf_cfg = pipe.transformer.config
     head = pipe.transformer.diffloss
+    if cfg.expected_code and not tf_cfg.head_expected_code:
+        head = read_expected_code(head)
+        tf_cfg.head_expected_code = True  # before the pools: they then hold the offsets
     if cfg.diff_width and cfg.diff_width != tf_cfg.diff_width:
         head = ResidualDiffusionHead(head.net.token_dim, head.net.cond_embed.in_features, cfg.diff_width,
                                      cfg.diff_depth or tf_cfg.diff_depth, head.sampling_steps, head.residual_scale)
@@ -230,32 +286,28 @@ def train(cfg: HeadTrainConfig) -> dict:
         head.residual_scale = cfg.residual_scale
     head.requires_grad_(True).train()
 
-    z_parts, target_parts = [], []
-    for resolution in pipe.resolutions:  # every resolution's tokens, one pool
-        conditions, residuals = head_conditions(pipe, cfg.data, resolution, cfg.wordings, out / "cache")
-        z_parts.append(conditions.flatten(1, 2))       # [W + 1, N * P^2, C]
-        target_parts.append(residuals.flatten(0, 1))    # [N * P^2, D]
-    z_all, targets = torch.cat(z_parts, 1), torch.cat(target_parts)
-    pool_ends = torch.tensor([len(t) for t in target_parts]).cumsum(0)
+    # every resolution's tokens in one pool: conditions and offsets [W + 1, N * P^2, .], residuals [N * P^2, D]
+    parts = [head_conditions(pipe, cfg.data, r, cfg.wordings, out / "cache") for r in pipe.resolutions]
+    teacher = {name: torch.cat([part[name].flatten(-3, -2) for part in parts], -2) for name in parts[0]}
+    pool_ends = torch.tensor([part["residuals"].shape[0] * part["residuals"].shape[1] for part in parts]).cumsum(0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    eval_ids = torch.randperm(len(targets), generator=gen)[:cfg.eval_tokens]
+    eval_ids = torch.randperm(int(pool_ends[-1]), generator=gen)[:cfg.eval_tokens]
     generated_count = round(cfg.generated_share * cfg.batch_tokens)
     if generated_count:
         parts = [generated_conditions(pipe, cfg.data, r, cfg.wordings, out / "cache") for r in pipe.resolutions]
-        z_generated = torch.cat([z.flatten(0, 1) for z, _ in parts])
-        generated_targets = torch.cat([t.flatten(0, 1) for _, t in parts])
-        for resolution, (_, t) in zip(pipe.resolutions, parts):
-            if not len(t):
+        for resolution, part in zip(pipe.resolutions, parts):
+            if not len(part["residuals"]):
                 raise ValueError(f"no {resolution} px generation retrieved its own image: --generated-share "
                                  "has no tokens to train on there")
-        generated_ends = torch.tensor([t.shape[0] * t.shape[1] for _, t in parts]).cumsum(0)
-        generated_eval_ids = torch.randperm(len(generated_targets), generator=gen)[:cfg.eval_tokens]
+        generated = {name: torch.cat([part[name].flatten(0, 1) for part in parts]) for name in parts[0]}
+        generated_ends = torch.tensor([p["residuals"].shape[0] * p["residuals"].shape[1] for p in parts]).cumsum(0)
+        generated_eval_ids = torch.randperm(int(generated_ends[-1]), generator=gen)[:cfg.eval_tokens]
 
     def explained_all(trained: ResidualDiffusionHead) -> dict:
-        result = {"explained": round(explained_variance(trained, z_all[0, eval_ids], targets[eval_ids]), 4)}
+        result = {"explained": round(explained_variance(trained, *head_batch(teacher, (0, eval_ids), eval_ids)), 4)}
         if generated_count:
             result["explained_generated"] = round(explained_variance(
-                trained, z_generated[generated_eval_ids], generated_targets[generated_eval_ids]), 4)
+                trained, *head_batch(generated, generated_eval_ids, generated_eval_ids)), 4)
         return result
 
     accelerator = make_accelerator(cfg.mixed_precision, log_dir=out)
@@ -282,12 +334,12 @@ def train(cfg: HeadTrainConfig) -> dict:
             picked = pick_tokens(pool_ends, count, cfg.balance_resolutions, g)
             wording = torch.randint(0, cfg.wordings, (count,), generator=g)
             wording[torch.rand(count, generator=g) < cfg.cond_drop] = cfg.wordings  # empty prompt
-            z, target = z_all[wording, picked].float(), targets[picked]
+            z, target = head_batch(teacher, (wording, picked), picked)
             prompted = wording < cfg.wordings  # the empty prompt's rows only teach CFG's other half
             if generated_count:
                 chosen = pick_tokens(generated_ends, generated_count, cfg.balance_resolutions, g)
-                z = torch.cat([z, z_generated[chosen].float()])
-                target = torch.cat([target, generated_targets[chosen]])
+                z_more, target_more = head_batch(generated, chosen, chosen)
+                z, target = torch.cat([z, z_more]), torch.cat([target, target_more])
                 prompted = torch.cat([prompted, prompted.new_ones(generated_count)])
             with accelerator.autocast():
                 trained_head = unwrap(accelerator, model)
