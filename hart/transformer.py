@@ -142,8 +142,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     over at least that many queries. Then it runs per row and head, `query_chunk` queries at a time,
     as two 2-D matmuls with the softmax in fp32. On a 2-core EPYC with avx512_bf16 and no AMX, where
     SDPA's CPU flash kernel runs bf16 at about its fp32 rate, that was 1.6x faster at the 0.7B last
-    scale (bench/attention.py). The price: the logits are rounded to bf16 (the kernel keeps them in
-    fp32), about twice SDPA-bf16's error against fp32 (runs/attn-probe/NOTES.md)."""
+    scale (bench/attention.py); on a Xeon with AMX, where the kernel does use the bf16 units, it was
+    3.3x slower. The price: the logits are rounded to bf16 (the kernel keeps them in fp32), about
+    twice SDPA-bf16's error against fp32 (runs/attn-probe/NOTES.md)."""
     if not (query_chunk > 0 and mask is None and q.dtype == torch.bfloat16 and q.shape[2] >= query_chunk
             and not torch.is_grad_enabled()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
