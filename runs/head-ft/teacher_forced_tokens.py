@@ -2,7 +2,7 @@
 dataset images with their exact captions. Low last-scale accuracy here means the transformer has not learned
 the fine scale (more training); high accuracy with low agreement in generation means sampling drifts.
 
-    python runs/head-ft/teacher_forced_tokens.py MODEL RES COUNT
+    python runs/head-ft/teacher_forced_tokens.py MODEL RES COUNT [DATA]
 """
 import sys
 import torch
@@ -12,7 +12,7 @@ from train.data import load_dataset
 model, res, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 pipe = HARTPipeline.from_pretrained(model)
 tf, tok = pipe.transformer, pipe.tokenizer
-full = load_dataset("data/emoji", res, "all", caption_variation=False)
+full = load_dataset(sys.argv[4] if len(sys.argv) > 4 else "data/emoji", res, "all", caption_variation=False)
 scales = pipe.schedules[res]
 picked = torch.randperm(len(full.captions), generator=torch.Generator().manual_seed(0))[:count]
 acc = torch.zeros(len(scales)); prob = torch.zeros(len(scales)); n = 0
