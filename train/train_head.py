@@ -157,7 +157,7 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
             indices, residual = tok.encode(torch.stack([dataset.image(i) for i in ids]), scales)
             inputs = tok.quantize.teacher_forcing_inputs(indices, scales)
             codes = tok.codebook[indices[-1]]
-            per_wording, guided_inputs = [], []  # guided_inputs: each wording's last-scale logits
+            per_wording, wording_logits = [], []  # each wording's conditional last-scale logits
             for w in range(wordings + 1):
                 if w < wordings:
                     states, _, positions = pipe.text_encoder(wording_texts(dataset, ids, w))
@@ -166,13 +166,13 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
                 logits, hidden_last, _ = tf(states, positions, inputs, scales)
                 per_wording.append(tf.diffusion_condition(hidden_last, codes).half())
                 if with_offsets and w < wordings:
-                    guided_inputs.append(logits[:, -codes.shape[1]:])
+                    wording_logits.append(logits[:, -codes.shape[1]:])
             conditions.append(torch.stack(per_wording))
             residuals.append(residual.half())
             if with_offsets:
                 unconditional = logits[:, -codes.shape[1]:]
                 offset = [expected_code_offset((1 + t) * cond - t * unconditional, tok.codebook, indices[-1])
-                          for cond in guided_inputs]
+                          for cond in wording_logits]
                 offsets.append(torch.stack(offset + offset[:1]).half())
         pool = {"conditions": torch.cat(conditions, 1), "residuals": torch.cat(residuals)}
         return pool | ({"offsets": torch.cat(offsets, 1)} if with_offsets else {})
