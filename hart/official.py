@@ -58,8 +58,7 @@ def transformer_config_from_official(cfg: dict, state: dict[str, torch.Tensor],
         norm_eps=cfg.get("norm_eps", 1e-6), use_context_norm="context_norm.weight" in state,
         patch_nums=tuple(cfg.get("patch_nums", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))),
         diff_width=cfg.get("diff_width", 1024), diff_depth=cfg.get("diff_depth", 6),
-        num_sampling_steps=int(cfg.get("num_sampling_steps", 8)),
-        cond_drop_rate=cfg.get("cond_drop_rate", 0.1), diffusion_batch_mul=cfg.get("diffusion_batch_mul", 4))
+        num_sampling_steps=int(cfg.get("num_sampling_steps", 8)))
 
 
 def load_official(path: str | Path, use_ema: bool = True) -> tuple[HybridTokenizer, HARTTransformer]:

@@ -19,10 +19,10 @@ from PIL import Image
 from .checkpoint import (CheckpointError, config_from_dict, load_into, read_json, read_weights, write_json,
                          write_weights)
 from .presets import get_preset
-from .sampler import SampleOutput, SamplingOptions, iter_sample
+from .sampler import SampleOutput, SamplingOptions, iter_sample, sample_residual
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .tokenizer import HybridTokenizer, TokenizerConfig
-from .transformer import Attention, HARTTransformer, TransformerConfig, set_query_chunk
+from .transformer import HARTTransformer, TransformerConfig
 
 FORMAT = "hart-pipeline"
 # the embedded default model shipped with the repository
@@ -192,19 +192,6 @@ class HARTPipeline:
         hold_matmul_weights([self.transformer, self.tokenizer], dtype, self._fp32_weights)
         self._autocast_dtype = dtype
 
-    @property
-    def attention_query_chunk(self) -> int:
-        """0 (default): SDPA everywhere. N > 0: under bf16 autocast, attention over N or more queries
-        runs as chunked 2-D matmuls (`transformer.attention`): faster on CPUs without AMX, with
-        bf16-rounded logits."""
-        return next(m.query_chunk for m in self.transformer.modules() if isinstance(m, Attention))
-
-    @attention_query_chunk.setter
-    def attention_query_chunk(self, queries: int) -> None:
-        if not isinstance(queries, int) or queries < 0:
-            raise ValueError(f"attention_query_chunk must be a non-negative integer, got {queries!r}")
-        set_query_chunk(self.transformer, queries)
-
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         held, self.autocast_dtype = self.autocast_dtype, None  # write the fp32 masters
         try:
@@ -285,7 +272,7 @@ class HARTPipeline:
         with self._no_grad():
             states, _, positions = self.text_encoder(prompts)
         timings["text"] = time.perf_counter() - start
-        t_ar = time.perf_counter()
+        t_tokens = time.perf_counter()
         steps = iter_sample(self.transformer, self.tokenizer, states.to(self.device), positions.to(self.device),
                             self.schedules[resolution], opts, generator)
         preview_time = 0.0
@@ -301,8 +288,12 @@ class HARTPipeline:
                 preview_time += time.perf_counter() - t_prev
             yield item[0], images
         output = item
-        timings["diffusion"] = output.diffusion_time
-        timings["ar"] = time.perf_counter() - t_ar - output.diffusion_time - preview_time
+        timings["ar"] = time.perf_counter() - t_tokens - preview_time
+        t_head = time.perf_counter()
+        if opts.use_residual:
+            with self._no_grad():
+                output.residual = sample_residual(self.transformer, output, opts, generator)
+        timings["diffusion"] = time.perf_counter() - t_head
         t_dec = time.perf_counter()
         with self._no_grad():
             # decoded separately (not as one batch) so the discrete image is bit-identical

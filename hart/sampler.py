@@ -1,39 +1,53 @@
-"""Next-scale sampling: coarse-to-fine discrete tokens with a KV cache and batched CFG, then
-the residual diffusion head at the last scale. Every random draw uses the caller's generator."""
+"""Next-scale sampling. Text states -> for each scale: transformer step (KV cache), guidance,
+draw, f̂ update -> residual tokens from the diffusion head at the last scale.
+
+Every random draw uses the caller's generator, in a fixed order: each scale's tokens (and its
+Gumbel noise in "more smooth" mode), then the residual head's noise."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 import math
-import time
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from .tokenizer import HybridTokenizer
-from .transformer import HARTTransformer, image_rope_angles, text_rope_angles
+from .transformer import HARTTransformer, KVCache, image_rope_angles, text_rope_angles
 
 
 @dataclass
 class SamplingOptions:
     cfg: float = 4.5
-    top_k: int = 0            # 0 = no top-k filter
+    # 0 = no top-k filter; a sequence gives one k per scale, its last entry repeating for later
+    # scales (the official checkpoints use 600 for the first 7 scales, then 300)
+    top_k: int | tuple[int, ...] = 0
     top_p: float = 0.0        # 0 = no nucleus filter
     temperature: float = 1.0
     more_smooth: bool = False  # Gumbel-softmax mixture of codes instead of the hard code
     diffusion_steps: int = 8
     use_residual: bool = True
     # scales the residual head's per-step noise; below 1 the residual moves toward its
-    # conditional mean (a small model's samples at 1 add texture the reference lacks)
+    # conditional mean (a small head's samples at 1 add texture the reference lacks)
     residual_temperature: float = 1.0
-    # guidance of the residual head; None = the last scale's cfg, as the official sampler. Guidance
-    # pulls a small head's temperature-0 residual away from its reference (runs/head-x0/NOTES.md)
+    # guidance of the residual head; None = the last scale's cfg, as the official sampler
     residual_cfg: float | None = None
 
+    def __post_init__(self):
+        if isinstance(self.top_k, (list, tuple)):
+            self.top_k = tuple(self.top_k)
+
+    def top_k_at(self, scale_index: int) -> int:
+        if isinstance(self.top_k, tuple):
+            return self.top_k[min(scale_index, len(self.top_k) - 1)]
+        return self.top_k
+
     def validate(self) -> None:
+        ks = self.top_k if isinstance(self.top_k, tuple) else (self.top_k,)
         checks = [
             (math.isfinite(self.cfg) and self.cfg >= 0, f"cfg must be a finite number >= 0, got {self.cfg}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k}"),
+            (len(ks) > 0 and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in ks),
+             f"top_k must be an integer >= 0 or a non-empty list of them (one per scale), got {self.top_k}"),
             (math.isfinite(self.top_p) and 0 <= self.top_p <= 1, f"top_p must be in [0, 1], got {self.top_p}"),
             (math.isfinite(self.temperature) and self.temperature > 0,
              f"temperature must be > 0, got {self.temperature}"),
@@ -49,6 +63,8 @@ class SamplingOptions:
                 raise ValueError(message)
 
 
+# --------------------------------------------------------------------------- guidance and draws
+
 def guidance_ramp(cfg: float, num_scales: int) -> list[float]:
     """CFG weight t per scale: linear cfg * si / (S - 1), with the last scale reusing the
     previous scale's value (the released sampler does this; its models are tuned to it)."""
@@ -56,6 +72,14 @@ def guidance_ramp(cfg: float, num_scales: int) -> list[float]:
         return [0.0]
     ramp = [cfg * si / (num_scales - 1) for si in range(num_scales - 1)]
     return ramp + [ramp[-1]]
+
+
+def guide(logits: torch.Tensor, t: float, batch: int) -> torch.Tensor:
+    """(1 + t) conditional - t unconditional, for logits stacked as [conditional; unconditional]
+    rows (just the conditional rows when the batch holds no unconditional half)."""
+    if logits.shape[0] == batch:
+        return logits
+    return (1 + t) * logits[:batch] - t * logits[batch:]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -72,11 +96,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
     return logits
 
 
-def sample_indices(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, n, V] (already filtered) -> indices [B, n]."""
-    if opts.top_k == 1:
+def sample_indices(logits: torch.Tensor, top_k: int, temperature: float,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, n, V] (already filtered) -> indices [B, n]; top_k 1 is the argmax."""
+    if top_k == 1:
         return logits.argmax(-1)
-    return categorical((logits / opts.temperature).softmax(-1), generator)
+    return categorical((logits / temperature).softmax(-1), generator)
 
 
 def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -108,131 +133,156 @@ def gumbel_codes(logits: torch.Tensor, ratio: float, codebook: torch.Tensor,
     return weights.to(codebook.dtype) @ codebook
 
 
-def expected_code_offset(logits: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """sum_k p_k c_k - c_idx per token: from the drawn code to the code the transformer expects,
-    p = softmax(logits) at temperature 1 (logits [B, n, V], idx [B, n] -> [B, n, D]).
+def draw(logits: torch.Tensor, opts: SamplingOptions, scale_index: int, num_scales: int, codebook: torch.Tensor,
+         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guided logits [B, n, V] -> (indices [B, n], the codes that enter f̂ [B, n, Cvae])."""
+    k = opts.top_k_at(scale_index)
+    if 1 < k < logits.shape[-1] and not opts.top_p and not opts.more_smooth:
+        idx = sample_top_k(logits, k, opts.temperature, generator)
+    else:
+        logits = filter_logits(logits, k, opts.top_p)
+        idx = sample_indices(logits, k, opts.temperature, generator)
+    if not opts.more_smooth:
+        return idx, codebook[idx]
+    # the official sampler's ratio: the last scale reuses the previous scale's
+    ratio = min(scale_index, num_scales - 2) / (num_scales - 1) if num_scales > 1 else 0.0
+    return idx, gumbel_codes(logits, ratio, codebook, generator)
 
-    At a fine scale a small transformer is often unsure between near-identical codes: the drawn one
-    is then mostly wrong while the expectation is close (runs/sampled-residual/NOTES.md). Models with
-    `head_expected_code` start the residual from this offset."""
-    expected = logits.float().softmax(-1) @ codebook.float()
-    return (expected - codebook[idx].float()).to(codebook.dtype)
 
+# --------------------------------------------------------------------------- transformer steps
+
+class ScaleSteps:
+    """The transformer run incrementally over one generation: the text prefix, then one scale at
+    a time against a KV cache. Rows are [conditional; unconditional] when guided: the
+    unconditional text is all-zero states at zero positions, the same for every prompt, so its
+    prefix is computed once per model and copied into the cache."""
+
+    def __init__(self, transformer: HARTTransformer, context: torch.Tensor, position_ids: torch.Tensor,
+                 scale_sizes: list[int], guided: bool):
+        self.transformer, self.sizes, self.guided = transformer, scale_sizes, guided
+        self.batch, self.text_len = context.shape[0], context.shape[1]
+        self.dtype = transformer.word_embed.weight.dtype
+        self.device = context.device
+        self.position_ids = position_ids
+        rows = 2 * self.batch if guided else self.batch
+        self.cond, self.pooled = transformer.embed_context(context.to(self.dtype))
+        if guided:  # the pooled head condition of all-zero text states
+            _, uncond_pooled = transformer.embed_context(torch.zeros_like(context[:1]).to(self.dtype))
+            self.pooled = torch.cat([self.pooled, uncond_pooled.expand(self.batch, -1, -1)])
+        self.levels = transformer.lvl_embed(torch.arange(len(scale_sizes), device=self.device))
+        self.cache = transformer.new_cache(rows, self.text_len, scale_sizes, self.dtype, self.device)
+        self.head_dim, self.theta = transformer.config.head_dim, transformer.config.rope_theta
+
+    def text(self) -> torch.Tensor:
+        """Run the text prefix; the last slot's hidden state [rows, 1, C] predicts the 1x1 token."""
+        tf, B, P = self.transformer, self.batch, self.sizes[-1]
+        angles = text_rope_angles(self.position_ids, self.head_dim, self.theta)
+        prefix = self.cond + tf.text_level(self.levels[:1], P)
+        hidden = tf.step(prefix, angles, self.cache.rows(0, B))[:, -1:]
+        self.cache.length = self.text_len
+        if not self.guided:
+            return hidden
+        keys, values, uncond_hidden = tf.unconditional_prefix(self.text_len, self.dtype, self.device, P)
+        for layer in range(len(keys)):
+            self.cache.keys[layer][B:, :, :self.text_len] = keys[layer]
+            self.cache.values[layer][B:, :, :self.text_len] = values[layer]
+        return torch.cat([hidden, uncond_hidden.expand(B, -1, -1)])
+
+    def image(self, scale_index: int, inputs: torch.Tensor) -> torch.Tensor:
+        """Run one scale's inputs [B, pn^2, Cvae] (f̂ area-downsampled): hidden states [rows, pn^2, C]."""
+        tf = self.transformer
+        x = tf.word_embed(inputs.to(self.dtype)) + self.levels[scale_index]
+        if self.guided:
+            x = torch.cat([x, x])
+        offset = self.position_ids[:, -1]  # image positions start at the last text slot's id
+        if self.guided:
+            offset = torch.cat([offset, torch.zeros_like(offset)])
+        angles = image_rope_angles(self.sizes[scale_index], self.sizes[-1], offset, self.head_dim, self.theta)
+        return tf.step(x, angles, self.cache)
+
+
+# --------------------------------------------------------------------------- the loop
 
 @dataclass
 class SampleOutput:
     indices: list[torch.Tensor]      # per scale [B, pn^2]
     fhat_discrete: torch.Tensor      # [B, Cvae, P, P]
-    residual: torch.Tensor | None    # [B, P^2, Cvae] or None when the head is off
-    logits: list[torch.Tensor]       # guided logits per scale (for inspection and parity)
-    diffusion_time: float = 0.0
-    head_condition: torch.Tensor | None = None  # [B, P^2, C]: the official condition of the head
-    residual_offset: torch.Tensor | None = None  # [B, P^2, D]: expected-code offset (head_expected_code)
-
-
-def sample(*args, **kwargs) -> SampleOutput:
-    """Run `iter_sample` to the end and return its output."""
-    for item in iter_sample(*args, **kwargs):
-        pass
-    return item
+    logits: list[torch.Tensor]       # guided logits per scale (kept on request, for parity checks)
+    head_condition: torch.Tensor     # [B, P^2, C]: the residual head's condition (official)
+    unconditional_condition: torch.Tensor | None  # the same for the unconditional rows (guided runs)
+    last_guidance: float             # the CFG weight of the last scale
+    residual: torch.Tensor | None = None  # [B, P^2, Cvae] once `sample_residual` ran
 
 
 @torch.no_grad()
 def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, context: torch.Tensor,
                 position_ids: torch.Tensor, scale_sizes, opts: SamplingOptions,
-                generator: torch.Generator | None = None, diffusion_noise=None,
+                generator: torch.Generator | None = None,
                 keep_logits: bool = False) -> Iterator[tuple[int, torch.Tensor] | SampleOutput]:
-    """Generate tokens for B prompts given text states context [B, Lc, Dt].
+    """The discrete tokens for B prompts given text states context [B, Lc, Dt].
 
-    Yields (si, partial f_hat) after every scale but the last (for previews), then the
-    SampleOutput. CFG runs conditional and unconditional rows (all-zero text states, zero
-    positions) as one batch; with cfg = 0 the unconditional half is skipped (same result)."""
+    Yields (si, partial f̂) after every scale but the last (for previews), then the SampleOutput
+    without its residual (`sample_residual` adds it). CFG runs the conditional and unconditional
+    rows as one batch; with cfg = 0 the unconditional half is skipped (same result)."""
     opts.validate()
     sizes = list(scale_sizes)
     S, P = len(sizes), sizes[-1]
-    B, Lc, _ = context.shape
-    device = context.device
+    B = context.shape[0]
     quant = tokenizer.quantize
     codebook = quant.embedding.weight
-    guided = opts.cfg != 0
     ramp = guidance_ramp(opts.cfg, S)
-    if guided:
-        context = torch.cat([context, torch.zeros_like(context)])
-        position_ids = torch.cat([position_ids, torch.zeros_like(position_ids)])
-    rows = context.shape[0]
-    dtype = transformer.word_embed.weight.dtype
-    context = context.to(dtype)
+    steps = ScaleSteps(transformer, context, position_ids, sizes, guided=opts.cfg != 0)
 
-    cond, pooled = transformer.embed_context(context)
-    lvl = transformer.lvl_embed(torch.arange(S, device=device))
-    text_level = transformer.text_level(lvl[:1], P)
-    cache = transformer.new_cache(rows, Lc, sizes, dtype, device)
-    head_dim, theta = transformer.config.head_dim, transformer.config.rope_theta
-    offset = position_ids[:, -1]
-
-    fhat = torch.zeros(B, codebook.shape[1], P, P, device=device, dtype=codebook.dtype)
-    indices, all_logits = [], []
-    residual, diffusion_time = None, 0.0
-    next_input = None
+    fhat = torch.zeros(B, codebook.shape[1], P, P, device=context.device, dtype=codebook.dtype)
+    indices, kept_logits = [], []
     for si, pn in enumerate(sizes):
-        if si == 0 and guided:
-            # the unconditional half of the prefix is the same for every prompt: run the text
-            # prefix for the B conditional rows only and copy the kept unconditional one in
-            angles = text_rope_angles(position_ids[:B], head_dim, theta)
-            hidden = transformer.step(cond[:B] + text_level, angles, cache.rows(0, B))[:, -1:]
-            keys, values, uncond_hidden = transformer.unconditional_prefix(Lc, dtype, device, P)
-            for layer in range(len(keys)):
-                cache.keys[layer][B:, :, :Lc] = keys[layer]
-                cache.values[layer][B:, :, :Lc] = values[layer]
-            cache.length = Lc
-            hidden = torch.cat([hidden, uncond_hidden.expand(B, -1, -1)])
-        elif si == 0:
-            hidden = transformer.step(cond + text_level, text_rope_angles(position_ids, head_dim, theta), cache)
-            hidden = hidden[:, -1:]  # the 1x1 token is predicted from the last text slot
+        if si == 0:
+            hidden = steps.text()
         else:
-            x = transformer.word_embed(next_input.to(dtype)) + lvl[si]
-            if guided:
-                x = torch.cat([x, x])
-            hidden = transformer.step(x, image_rope_angles(pn, P, offset, head_dim, theta), cache)
-        logits = transformer.logits(hidden, pooled)
-        t = ramp[si]
-        if guided:
-            logits = (1 + t) * logits[:B] - t * logits[B:]
+            inputs = F.interpolate(fhat, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
+            hidden = steps.image(si, inputs)
+        logits = guide(transformer.logits(hidden, steps.pooled), ramp[si], B)
         if keep_logits:
-            all_logits.append(logits)
-        guided_logits = logits  # before any filter
-        if 1 < opts.top_k < logits.shape[-1] and not opts.top_p and not opts.more_smooth:
-            idx = sample_top_k(logits, opts.top_k, opts.temperature, generator)
-        else:
-            logits = filter_logits(logits, opts.top_k, opts.top_p)
-            idx = sample_indices(logits, opts, generator)
+            kept_logits.append(logits)
+        idx, codes = draw(logits, opts, si, S, codebook, generator)
         indices.append(idx)
-        ratio = si / (S - 1) if si < S - 1 else (S - 2) / (S - 1) if S > 1 else 0.0
-        codes = gumbel_codes(logits, ratio, codebook, generator) if opts.more_smooth else codebook[idx]
         codes = codes.transpose(1, 2).reshape(B, -1, pn, pn)
-        if si < S - 1:
-            fhat = fhat + quant.upsampled_scale(codes, si, sizes)
-            nxt = sizes[si + 1]
-            next_input = F.interpolate(fhat, size=(nxt, nxt), mode="area").flatten(2).transpose(1, 2)
-            yield si, fhat
-            continue
-        fhat = fhat + codes
-        word = codebook[idx].to(dtype)
-        head_condition = transformer.diffusion_condition(hidden[:B], word)
-        offset = (expected_code_offset(guided_logits, codebook, idx)
-                  if transformer.config.head_expected_code else None)
-        if opts.use_residual:
-            start = time.perf_counter()
-            head_cfg = t if opts.residual_cfg is None else opts.residual_cfg
-            head_guided = guided and head_cfg != 0  # unguided: the head runs the conditional rows only
-            z_cond = transformer.head_input(head_condition, offset).flatten(0, 1)
-            z_uncond = (transformer.head_input(transformer.diffusion_condition(hidden[B:], word), offset)
-                        .flatten(0, 1) if head_guided else None)
-            flat = transformer.diffloss.sample(z_cond, z_uncond, cfg=head_cfg, steps=opts.diffusion_steps,
-                                               temperature=opts.residual_temperature, generator=generator,
-                                               noise=diffusion_noise)
-            residual = flat.view(B, P * P, -1).to(fhat.dtype)
-            if offset is not None:
-                residual = residual + offset.to(fhat.dtype)
-            diffusion_time = time.perf_counter() - start
-    yield SampleOutput(indices, fhat, residual, all_logits, diffusion_time, head_condition, offset)
+        if si == S - 1:
+            fhat = fhat + codes  # the last scale is at full size and has no phi
+            break
+        fhat = fhat + quant.upsampled_scale(codes, si, sizes)
+        yield si, fhat
+
+    # the head's condition takes the hard code even in "more smooth" mode, as the official sampler
+    word = codebook[idx].to(steps.dtype)
+    conditions = transformer.diffusion_condition(hidden, torch.cat([word, word]) if steps.guided else word)
+    yield SampleOutput(indices, fhat, kept_logits, conditions[:B],
+                       conditions[B:] if steps.guided else None, ramp[-1])
+
+
+@torch.no_grad()
+def sample_residual(transformer: HARTTransformer, tokens: SampleOutput, opts: SamplingOptions,
+                    generator: torch.Generator | None = None, noise=None) -> torch.Tensor:
+    """The continuous residual [B, P^2, Cvae] for sampled tokens: the diffusion head denoises one
+    token per last-scale position. Its guidance is the last scale's unless `residual_cfg` says
+    otherwise; `noise` = (initial, per-step list) replaces the generator's draws (parity checks)."""
+    head_cfg = tokens.last_guidance if opts.residual_cfg is None else opts.residual_cfg
+    unconditional = tokens.unconditional_condition if head_cfg != 0 else None
+    B, n, _ = tokens.head_condition.shape
+    flat = transformer.diffloss.sample(
+        tokens.head_condition.flatten(0, 1), unconditional.flatten(0, 1) if unconditional is not None else None,
+        cfg=head_cfg, steps=opts.diffusion_steps, temperature=opts.residual_temperature, generator=generator,
+        noise=noise)
+    return flat.view(B, n, -1).to(tokens.fhat_discrete.dtype)
+
+
+def sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, context: torch.Tensor,
+           position_ids: torch.Tensor, scale_sizes, opts: SamplingOptions, generator: torch.Generator | None = None,
+           diffusion_noise=None, keep_logits: bool = False) -> SampleOutput:
+    """Tokens, then (when `opts.use_residual`) the residual: the whole generation before decoding."""
+    for item in iter_sample(transformer, tokenizer, context, position_ids, scale_sizes, opts, generator,
+                            keep_logits):
+        pass
+    if opts.use_residual:
+        item.residual = sample_residual(transformer, item, opts, generator, diffusion_noise)
+    return item

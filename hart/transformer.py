@@ -37,13 +37,8 @@ class TransformerConfig:
     diff_width: int = 1024
     diff_depth: int = 6
     num_sampling_steps: int = 8
-    cond_drop_rate: float = 0.1       # training: uniform draw per sample
-    diffusion_batch_mul: int = 4      # training: repeats of each residual token
     residual_scale: float = RESIDUAL_SCALE  # residual / scale is what the head models: aim for std ~0.2
     resolution_sides: tuple[int, ...] = ()  # finest-grid sides with a learned text-slot vector (text_level)
-    # not official: the residual starts from the expected last-scale code's offset from the sampled
-    # one, and the head reads that offset too (`head_input`, `sampler.expected_code_offset`)
-    head_expected_code: bool = False
 
     def __post_init__(self):
         self.patch_nums = tuple(self.patch_nums)
@@ -136,43 +131,6 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              scale: float | None = None, query_chunk: int = 0) -> torch.Tensor:
-    """Attention over [B, H, L, d]: SDPA, unless `query_chunk` > 0 and this is unmasked bf16 inference
-    over at least that many queries. Then it runs per row and head, `query_chunk` queries at a time,
-    as two 2-D matmuls with the softmax in fp32. On a 2-core EPYC with avx512_bf16 and no AMX, where
-    SDPA's CPU flash kernel runs bf16 at about its fp32 rate, that was 1.6x faster at the 0.7B last
-    scale (bench/attention.py); on a Xeon with AMX, where the kernel does use the bf16 units, it was
-    3.3x slower. The price: the logits are rounded to bf16 (the kernel keeps them in fp32), about
-    twice SDPA-bf16's error against fp32 (runs/attn-probe/NOTES.md)."""
-    if not (query_chunk > 0 and mask is None and q.dtype == torch.bfloat16 and q.shape[2] >= query_chunk
-            and not torch.is_grad_enabled()):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return chunked_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, query_chunk)
-
-
-def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
-    """Unmasked attention per row and head, `chunk` queries at a time: Q K^T and P V as 2-D matmuls in
-    the inputs' dtype, the softmax in fp32."""
-    out = torch.empty_like(q)
-    for row in range(q.shape[0]):
-        for head in range(q.shape[1]):
-            keys_t, values = k[row, head].t(), v[row, head]
-            for start in range(0, q.shape[2], chunk):
-                scores = torch.mm(q[row, head, start:start + chunk] * scale, keys_t)
-                weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-                out[row, head, start:start + chunk] = torch.mm(weights, values)
-    return out
-
-
-def set_query_chunk(model: nn.Module, queries: int) -> None:
-    """Give every attention module in `model` (HART's, or a baseline's with the same attribute) the
-    chunked-bf16 threshold `queries` (0: SDPA)."""
-    for module in model.modules():
-        if hasattr(module, "query_chunk"):
-            module.query_chunk = queries
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -183,8 +141,6 @@ class Attention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(C), persistent=False)
         self.proj = nn.Linear(C, C)
         self.scale = cfg.attn_scale / math.sqrt(self.head_dim)
-        self.use_sdpa = True  # plain matmul-softmax is faster for masked backward on some CPUs
-        self.query_chunk = 0  # > 0: chunked bf16 inference attention (see `attention`)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0):
         B, L, C = x.shape
@@ -194,13 +150,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        if self.use_sdpa:
-            out = attention(q, k, v, mask, self.scale, self.query_chunk)
-        else:
-            scores = (q * self.scale) @ k.transpose(-1, -2)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-            out = scores.softmax(-1) @ v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -255,8 +205,7 @@ class HARTTransformer(nn.Module):
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
         self.decoder_norm = RMSNorm(C, cfg.norm_eps)
-        head_cond_dim = C + (cfg.token_dim if cfg.head_expected_code else 0)
-        self.diffloss = ResidualDiffusionHead(cfg.token_dim, head_cond_dim, cfg.diff_width, cfg.diff_depth,
+        self.diffloss = ResidualDiffusionHead(cfg.token_dim, C, cfg.diff_width, cfg.diff_depth,
                                               cfg.num_sampling_steps, cfg.residual_scale)
         # not in the official model (none there): one vector per trained resolution, zero at first
         self.resolution_embed = (nn.Parameter(torch.zeros(len(cfg.resolution_sides), C))
@@ -304,15 +253,6 @@ class HARTTransformer(nn.Module):
     def diffusion_condition(self, hidden_last: torch.Tensor, codes_last: torch.Tensor) -> torch.Tensor:
         """z = decoder_norm(h + word_embed(code)) for each last-scale token."""
         return self.decoder_norm(hidden_last + self.word_embed(codes_last))
-
-    def head_input(self, condition: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-        """The residual head's input: the official condition, followed by the expected-code offset
-        [..., token_dim] on models with `head_expected_code`."""
-        if not self.config.head_expected_code:
-            return condition
-        if offset is None:
-            raise ValueError("this model's residual head reads the expected-code offset: pass it")
-        return torch.cat([condition, offset.to(condition.dtype)], -1)
 
     def _rope(self, angles: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
