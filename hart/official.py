@@ -13,6 +13,20 @@ from .checkpoint import CheckpointError, load_into, read_json, read_weights
 from .tokenizer import HybridTokenizer, TokenizerConfig
 from .transformer import HARTTransformer, TransformerConfig
 
+# The official encoder's "LLM system prompt" (705 characters; SHA-256 424f7aa7...a9b8f20): it runs
+# through the text model in front of every prompt, as context only, and its states are dropped.
+# The released checkpoints were trained with prompts encoded this way.
+OFFICIAL_SYSTEM_PROMPT = (
+    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable '
+    'for image generation.\n\nExamples:\n- User Prompt: A cat sleeping -> A small, fluffy white cat curled up in '
+    'a round shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.\n'
+    '- User Prompt: A busy city street -> A bustling city street scene at dusk, featuring glowing street lamps, '
+    'a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass '
+    'skyscrapers.\n\nPlease generate only the enhanced description for the prompt below and DO NOT include any '
+    'additional sentences. Start your response with "Enhanced Prompt:".\n\nUser Prompt:\n')
+# the official sampler's defaults: top-k 600 for the first 7 scales, then 300 (whatever top_k it is given)
+OFFICIAL_SAMPLING = {"cfg": 4.5, "top_k": [600] * 7 + [300], "top_p": 0.0, "temperature": 1.0}
+
 # buffers the official modules save that we rebuild or do not need
 DROPPED_TRANSFORMER_KEYS = re.compile(r"^(lvl_1L|attn_bias_for_masking|blocks\.\d+\.attn\.zero_k_bias)$")
 DROPPED_TOKENIZER_KEYS = re.compile(r"^quantize\.ema_vocab_hit_SV$")
@@ -38,7 +52,7 @@ def tokenizer_config_from_official(cfg: dict) -> TokenizerConfig:
     return TokenizerConfig(vocab_size=cfg.get("vocab_size", 4096), z_channels=cfg.get("z_channels", 32),
                            ch=cfg.get("ch", 160), ch_mult=tuple(cfg.get("ch_mult", (1, 1, 2, 2, 4))),
                            quant_conv_ks=cfg.get("quant_conv_ks", 3), quant_resi=cfg.get("quant_resi", 0.5),
-                           share_quant_resi=cfg.get("share_quant_resi", 4), beta=cfg.get("beta", 0.25))
+                           share_quant_resi=cfg.get("share_quant_resi", 4))
 
 
 def transformer_config_from_official(cfg: dict, state: dict[str, torch.Tensor],

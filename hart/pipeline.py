@@ -36,37 +36,16 @@ class GenerationResult:
     images: list[Image.Image]            # hybrid images (discrete-only when the residual head is off)
     discrete_images: list[Image.Image]   # the same sampled tokens decoded without the residual
                                          # (empty when asked not to decode them)
-    residual_maps: list[Image.Image]     # |hybrid - discrete| as a heat map (empty without both)
-    seed: int
+    seed: int                            # the first image's seed; image i was drawn with seeds[i]
     resolution: int
     timings: dict[str, float] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> PIL images (rounded, not truncated)."""
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
-
-
-def side_by_side(images: list[Image.Image]) -> Image.Image | None:
-    """Images pasted left to right at native size (a single image is returned as is)."""
-    if len(images) <= 1:
-        return images[0] if images else None
-    canvas = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
-    x = 0
-    for im in images:
-        canvas.paste(im, (x, 0))
-        x += im.width
-    return canvas
-
-
-def residual_heatmap(hybrid: torch.Tensor, discrete: torch.Tensor) -> list[Image.Image]:
-    """Per-pixel magnitude of what the residual changed, black -> red -> yellow -> white."""
-    diff = (hybrid.float() - discrete.float()).abs().mean(1)  # [B, H, W], in [0, 2]
-    scale = diff.flatten(1).amax(1).clamp_min(1e-6)[:, None, None]
-    v = (diff / scale).cpu().numpy()
-    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
-    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in rgb]
 
 
 def hold_matmul_weights(modules, dtype: torch.dtype | None, masters: dict) -> None:
@@ -117,21 +96,27 @@ class HARTPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, text_encoder: TextEncoder | str | None = None,
-                        use_ema: bool = True, system_prompt: str = "", text_dtype: str = "float32",
+                        use_ema: bool = True, system_prompt: str | None = None, text_dtype: str = "float32",
                         device: str | torch.device = "cpu") -> "HARTPipeline":
-        """Load our format, the official layout (folder or its llm/), or a hub repo id."""
+        """Load our format, the official layout (folder or its llm/), or a hub repo id.
+
+        Official checkpoints get the official text conditioning and sampling defaults: prompts
+        encoded behind the official system prompt (`system_prompt=None`; pass "" to encode the
+        prompt alone, or another text), cfg 4.5 and top-k 600 for the first 7 scales, then 300."""
         path = Path(path)
         if not path.exists():
             path = Path(_download(str(path)))
         if (path / "model_index.json").is_file():
             pipe = cls._load_ours(path, text_encoder, use_ema)
         else:
-            from .official import is_official_layout, load_official
+            from .official import OFFICIAL_SAMPLING, OFFICIAL_SYSTEM_PROMPT, is_official_layout, load_official
             root = path.parent if path.name == "llm" else path
             if not is_official_layout(root):
                 raise CheckpointError(f"{path} is neither a HART pipeline folder (model_index.json) nor an "
                                       "official checkpoint (llm/config.json + tokenizer/config.json)")
             tokenizer, transformer = load_official(root, use_ema=use_ema)
+            if system_prompt is None:
+                system_prompt = OFFICIAL_SYSTEM_PROMPT
             text_encoder = _official_text_encoder(text_encoder, transformer.config, system_prompt, text_dtype)
             sizes = transformer.config.patch_nums
             res = sizes[-1] * tokenizer.config.downsample
@@ -139,7 +124,7 @@ class HARTPipeline:
             if res == 1024:
                 resolutions[512] = OFFICIAL_512_SCHEDULE
             pipe = cls(tokenizer, transformer, text_encoder, resolutions,
-                       {"cfg": 4.5, "top_k": 600, "diffusion_steps": transformer.config.num_sampling_steps},
+                       OFFICIAL_SAMPLING | {"diffusion_steps": transformer.config.num_sampling_steps},
                        name=root.name)
         return pipe.to(device)
 
@@ -238,9 +223,17 @@ class HARTPipeline:
         values.update({k: v for k, v in overrides.items() if v is not None})
         opts = SamplingOptions(**values)
         opts.validate()
-        seed = secrets.randbelow(2 ** 31) if seed is None else int(seed)
         prompts = [p for p in prompts for _ in range(num_images)]
-        return prompts, resolution, opts, seed
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != len(prompts) or not all(isinstance(s, int) and s >= 0 for s in seed):
+                raise ValueError(f"seed as a list needs one integer >= 0 per image ({len(prompts)}), got {seed}")
+            seeds = list(seed)
+        else:
+            first = secrets.randbelow(2 ** 31) if seed is None else int(seed)
+            if first < 0:
+                raise ValueError(f"seed must be >= 0, got {seed}")
+            seeds = [first + i for i in range(len(prompts))]
+        return prompts, resolution, opts, seeds
 
     def _no_grad(self) -> ExitStack:
         stack = ExitStack()
@@ -250,8 +243,8 @@ class HARTPipeline:
         return stack
 
     def stream(self, prompt: str | list[str], resolution: int | None = None, cfg: float | None = None,
-               diffusion_steps: int | None = None, use_residual: bool = True, seed: int | None = None,
-               num_images: int = 1, top_k: int | None = None, top_p: float | None = None,
+               diffusion_steps: int | None = None, use_residual: bool = True, seed: int | list[int] | None = None,
+               num_images: int = 1, top_k: int | list[int] | None = None, top_p: float | None = None,
                temperature: float | None = None, more_smooth: bool | None = None,
                residual_temperature: float | None = None, residual_cfg: float | None = None, previews: bool = True,
                decode_discrete: bool = True) -> Iterator[tuple[int, list[Image.Image]] | GenerationResult]:
@@ -259,12 +252,14 @@ class HARTPipeline:
 
         decode_discrete=False skips the second decoder pass (the discrete-only image beside the
         hybrid one) when the residual head runs: one decode instead of two."""
-        prompts, resolution, opts, seed = self._prepare(
+        prompts, resolution, opts, seeds = self._prepare(
             prompt, resolution, num_images, seed,
             dict(cfg=cfg, diffusion_steps=diffusion_steps, use_residual=use_residual, top_k=top_k,
                  top_p=top_p, temperature=temperature, more_smooth=more_smooth,
                  residual_temperature=residual_temperature, residual_cfg=residual_cfg))
-        generator = torch.Generator(self.device).manual_seed(seed)
+        # one generator per image, seeded seed, seed + 1, ...: each image is the one its seed
+        # gives alone, whatever else is in the batch
+        generator = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         timings = {}
         # grad mode and autocast are thread-local, and a caller (e.g. gradio) may resume this
         # generator on another thread: enter them around each piece of work, never across a yield
@@ -306,11 +301,9 @@ class HARTPipeline:
         timings["decode"] = time.perf_counter() - t_dec
         timings["total"] = time.perf_counter() - start - preview_time
         discrete_images = to_pil(discrete) if discrete is not None else []
-        both = hybrid is not None and discrete is not None
         yield GenerationResult(images=to_pil(hybrid) if hybrid is not None else discrete_images,
                                discrete_images=discrete_images,
-                               residual_maps=residual_heatmap(hybrid, discrete) if both else [],
-                               seed=seed, resolution=resolution, timings=timings)
+                               seed=seeds[0], seeds=seeds, resolution=resolution, timings=timings)
 
     def __call__(self, prompt: str | list[str], **kwargs) -> GenerationResult:
         for item in self.stream(prompt, previews=False, **kwargs):

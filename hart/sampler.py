@@ -2,7 +2,9 @@
 draw, f̂ update -> residual tokens from the diffusion head at the last scale.
 
 Every random draw uses the caller's generator, in a fixed order: each scale's tokens (and its
-Gumbel noise in "more smooth" mode), then the residual head's noise."""
+Gumbel noise in "more smooth" mode), then the residual head's noise. `generator` is one
+torch.Generator for the whole batch, or a list with one per image: then image b draws only from
+generator b, so it comes out the same whatever else is in its batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from .tokenizer import HybridTokenizer
-from .transformer import HARTTransformer, KVCache, image_rope_angles, text_rope_angles
+from .transformer import HARTTransformer, image_rope_angles, text_rope_angles
+
+Generators = torch.Generator | list[torch.Generator] | None
 
 
 @dataclass
@@ -65,6 +69,17 @@ class SamplingOptions:
 
 # --------------------------------------------------------------------------- guidance and draws
 
+def random_rows(shape, generator: Generators, device, dtype=torch.float32, normal: bool = False) -> torch.Tensor:
+    """Uniform (or standard normal) draws of `shape` = [B, ...]; with a list of generators,
+    row b comes from generator b exactly as a batch of one would draw it."""
+    draw_fn = torch.randn if normal else torch.rand
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([draw_fn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return draw_fn(shape, generator=generator, device=device, dtype=dtype)
+
+
 def guidance_ramp(cfg: float, num_scales: int) -> list[float]:
     """CFG weight t per scale: linear cfg * si / (S - 1), with the last scale reusing the
     previous scale's value (the released sampler does this; its models are tuned to it)."""
@@ -96,26 +111,24 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
     return logits
 
 
-def sample_indices(logits: torch.Tensor, top_k: int, temperature: float,
-                   generator: torch.Generator | None) -> torch.Tensor:
+def sample_indices(logits: torch.Tensor, top_k: int, temperature: float, generator: Generators) -> torch.Tensor:
     """logits [B, n, V] (already filtered) -> indices [B, n]; top_k 1 is the argmax."""
     if top_k == 1:
         return logits.argmax(-1)
     return categorical((logits / temperature).softmax(-1), generator)
 
 
-def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def categorical(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     """One draw per row of probs [..., V] by inverting the cumulative sum with one uniform
     per row (torch.multinomial draws V exponentials per row, serially: slow for big V)."""
     cdf = probs.float().cumsum(-1)
     total = cdf[..., -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device) * total
+    u = random_rows(total.shape, generator, probs.device) * total
     u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # stay below the last step
     return torch.searchsorted(cdf, u, right=True)[..., 0]  # first entry whose cdf exceeds u
 
 
-def sample_top_k(logits: torch.Tensor, top_k: int, temperature: float,
-                 generator: torch.Generator | None) -> torch.Tensor:
+def sample_top_k(logits: torch.Tensor, top_k: int, temperature: float, generator: Generators) -> torch.Tensor:
     """logits [B, n, V] -> indices [B, n] drawn among the k largest only: the distribution of
     filter_logits + sample_indices, with the softmax and the draw over k entries instead of V."""
     values, candidates = logits.topk(top_k, dim=-1)
@@ -123,18 +136,17 @@ def sample_top_k(logits: torch.Tensor, top_k: int, temperature: float,
     return candidates.gather(-1, choice[..., None])[..., 0]
 
 
-def gumbel_codes(logits: torch.Tensor, ratio: float, codebook: torch.Tensor,
-                 generator: torch.Generator | None) -> torch.Tensor:
+def gumbel_codes(logits: torch.Tensor, ratio: float, codebook: torch.Tensor, generator: Generators) -> torch.Tensor:
     """'More smooth' mode: a Gumbel-softmax mixture over the codebook, sharper at fine scales."""
     tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+    uniform = random_rows(logits.shape, generator, logits.device)
     gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)).clamp_min(1e-20))
     weights = ((logits * (1 + ratio) + gumbel) / tau).softmax(-1)
     return weights.to(codebook.dtype) @ codebook
 
 
 def draw(logits: torch.Tensor, opts: SamplingOptions, scale_index: int, num_scales: int, codebook: torch.Tensor,
-         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+         generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
     """Guided logits [B, n, V] -> (indices [B, n], the codes that enter f̂ [B, n, Cvae])."""
     k = opts.top_k_at(scale_index)
     if 1 < k < logits.shape[-1] and not opts.top_p and not opts.more_smooth:
@@ -217,7 +229,7 @@ class SampleOutput:
 @torch.no_grad()
 def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, context: torch.Tensor,
                 position_ids: torch.Tensor, scale_sizes, opts: SamplingOptions,
-                generator: torch.Generator | None = None,
+                generator: Generators = None,
                 keep_logits: bool = False) -> Iterator[tuple[int, torch.Tensor] | SampleOutput]:
     """The discrete tokens for B prompts given text states context [B, Lc, Dt].
 
@@ -260,15 +272,27 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
                        conditions[B:] if steps.guided else None, ramp[-1])
 
 
+def head_noise(batch: int, tokens: int, width: int, steps: int, generator: Generators, device,
+               dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The diffusion head's initial and per-step noise [batch * tokens, width], in the order the
+    head would draw it (initial, then one per step but the last), per image's generator."""
+    chain = [random_rows((batch, tokens, width), generator, device, dtype, normal=True).flatten(0, 1)
+             for _ in range(steps)]
+    return chain[0], chain[1:]
+
+
 @torch.no_grad()
 def sample_residual(transformer: HARTTransformer, tokens: SampleOutput, opts: SamplingOptions,
-                    generator: torch.Generator | None = None, noise=None) -> torch.Tensor:
+                    generator: Generators = None, noise=None) -> torch.Tensor:
     """The continuous residual [B, P^2, Cvae] for sampled tokens: the diffusion head denoises one
     token per last-scale position. Its guidance is the last scale's unless `residual_cfg` says
     otherwise; `noise` = (initial, per-step list) replaces the generator's draws (parity checks)."""
     head_cfg = tokens.last_guidance if opts.residual_cfg is None else opts.residual_cfg
     unconditional = tokens.unconditional_condition if head_cfg != 0 else None
     B, n, _ = tokens.head_condition.shape
+    if noise is None:
+        noise = head_noise(B, n, transformer.config.token_dim, opts.diffusion_steps, generator,
+                           tokens.head_condition.device, tokens.head_condition.dtype)
     flat = transformer.diffloss.sample(
         tokens.head_condition.flatten(0, 1), unconditional.flatten(0, 1) if unconditional is not None else None,
         cfg=head_cfg, steps=opts.diffusion_steps, temperature=opts.residual_temperature, generator=generator,
@@ -277,7 +301,7 @@ def sample_residual(transformer: HARTTransformer, tokens: SampleOutput, opts: Sa
 
 
 def sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, context: torch.Tensor,
-           position_ids: torch.Tensor, scale_sizes, opts: SamplingOptions, generator: torch.Generator | None = None,
+           position_ids: torch.Tensor, scale_sizes, opts: SamplingOptions, generator: Generators = None,
            diffusion_noise=None, keep_logits: bool = False) -> SampleOutput:
     """Tokens, then (when `opts.use_residual`) the residual: the whole generation before decoding."""
     for item in iter_sample(transformer, tokenizer, context, position_ids, scale_sizes, opts, generator,

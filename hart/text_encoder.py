@@ -115,11 +115,14 @@ class TextEncoder(nn.Module):
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """prompts -> (states [B, max_length, D] fp32, mask [B, max_length], position ids).
 
-        Position ids are cumsum(mask) - 1: pads repeat the last real position (right padding),
-        the convention the released transformer was trained with."""
+        As the official encoder: the mask marks the slots whose id is not the pad id, and position
+        ids are cumsum(mask) - 1, so pads repeat the last real position (right padding). A system
+        prompt runs through the encoder in front of every prompt; its states are then dropped."""
         device = next(self.model.parameters()).device
         tokens = self._tokenize(prompts)
-        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        ids = tokens["input_ids"].to(device)
+        pad_id = getattr(self.tokenizer, "pad_token_id", None)
+        mask = (ids != pad_id).long() if pad_id is not None else tokens["attention_mask"].to(device)
         if self.config.system_prompt:
             if self._system_ids is None:
                 self._system_ids = self._tokenize([self.config.system_prompt], padded=False)["input_ids"]

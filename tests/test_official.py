@@ -93,15 +93,8 @@ def test_full_size_official_layout_loads(tmp_path):
 def test_qwen2_text_encoder_path(tmp_path):
     """The 'hf' encoder path with a tiny random Qwen2 (the official encoder's architecture), a
     user-supplied system prompt, padding to the context length and a selectable dtype."""
-    import shutil as sh
-    from transformers import Qwen2Config, Qwen2Model
-    from hart.text_encoder import TextEncoder, TextEncoderConfig, minilm_path
-    folder = tmp_path / "qwen2-tiny"
-    torch.manual_seed(0)
-    Qwen2Model(Qwen2Config(vocab_size=30522, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        sh.copy(Path(minilm_path()) / name, folder / name)  # any tokenizer does for the mechanics
+    from hart.text_encoder import TextEncoder, TextEncoderConfig
+    folder = _tiny_qwen2(tmp_path / "qwen2-tiny")
     plain = TextEncoder.from_config(TextEncoderConfig(kind="hf", path=str(folder), max_length=8))
     states, mask, positions = plain(["a red apple", "cat"])
     assert states.shape == (2, 8, 24) and states.dtype == torch.float32
@@ -116,3 +109,70 @@ def test_qwen2_text_encoder_path(tmp_path):
     half = TextEncoder.from_config(TextEncoderConfig(kind="hf", path=str(folder), max_length=8, dtype="bfloat16"))
     assert next(half.model.parameters()).dtype == torch.bfloat16
     assert half(["cat"])[0].dtype == torch.float32  # states are handed over in fp32
+
+
+def _tiny_qwen2(folder: Path) -> Path:
+    """A tiny random Qwen2 (the official encoder's architecture) with a tokenizer from the MiniLM
+    package: both offline. Width 24 matches the fixture's context_dim."""
+    from transformers import Qwen2Config, Qwen2Model
+    from hart.text_encoder import minilm_path
+    torch.manual_seed(0)
+    Qwen2Model(Qwen2Config(vocab_size=30522, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(Path(minilm_path()) / name, folder / name)
+    return folder
+
+
+def test_official_system_prompt_is_the_released_text():
+    import hashlib
+    from hart.official import OFFICIAL_SYSTEM_PROMPT
+    assert len(OFFICIAL_SYSTEM_PROMPT) == 705 and OFFICIAL_SYSTEM_PROMPT.count("\n") == 9
+    assert (hashlib.sha256(OFFICIAL_SYSTEM_PROMPT.encode()).hexdigest()
+            == "424f7aa7b1119f8ed1e329140e5941dfe308183bea0af59041dad5527a9b8f20")
+
+
+def test_official_checkpoints_get_the_official_conditioning_and_top_k(tmp_path):
+    """Loading an official checkpoint encodes prompts behind the official system prompt (its
+    states dropped, only the prompt's padded slots kept) and samples with top-k 600 then 300;
+    system_prompt="" encodes the prompt alone."""
+    from hart.official import OFFICIAL_SYSTEM_PROMPT
+    folder = _tiny_qwen2(tmp_path / "qwen2-tiny")
+    pipe = HARTPipeline.from_pretrained(FIXTURE, text_encoder=str(folder))
+    plain = HARTPipeline.from_pretrained(FIXTURE, text_encoder=str(folder), system_prompt="")
+    assert pipe.text_encoder.config.system_prompt == OFFICIAL_SYSTEM_PROMPT
+    assert plain.text_encoder.config.system_prompt == ""
+    assert pipe.sampling_defaults.top_k == (600,) * 7 + (300,) and pipe.sampling_defaults.cfg == 4.5
+    assert [pipe.sampling_defaults.top_k_at(si) for si in (0, 6, 7, 12)] == [600, 600, 300, 300]
+
+    prompts = ["a red apple", "cat"]
+    states, mask, positions = pipe.text_encoder(prompts)
+    states_plain, mask_plain, positions_plain = plain.text_encoder(prompts)
+    assert states.shape == states_plain.shape == (2, 8, 24)
+    assert not torch.allclose(states, states_plain)  # the system prompt is context for the prompt's slots
+    assert torch.equal(mask, mask_plain) and torch.equal(positions, positions_plain)
+
+    te = pipe.text_encoder  # the same computation by hand, as the official encoder does it
+    system_ids = te.tokenizer(OFFICIAL_SYSTEM_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids
+    ids = te.tokenizer(prompts, padding="max_length", truncation=True, max_length=8, return_tensors="pt").input_ids
+    by_pad_id = (ids != te.tokenizer.pad_token_id).long()
+    with torch.no_grad():
+        full = te.model(input_ids=torch.cat([system_ids.expand(2, -1), ids], 1),
+                        attention_mask=torch.cat([torch.ones_like(system_ids).expand(2, -1), by_pad_id], 1))
+    assert system_ids.shape[1] > 100  # the whole system prompt went in front
+    torch.testing.assert_close(states, full.last_hidden_state[:, system_ids.shape[1]:], rtol=1e-5, atol=1e-5)
+    assert torch.equal(mask, by_pad_id) and 0 < int(mask[1].sum()) < 8
+    assert torch.equal(positions, by_pad_id.cumsum(1) - 1)
+    assert pipe("a red apple", seed=0).images[0].size == (32, 32)
+
+
+def test_convert_keeps_the_official_defaults_unless_told(tmp_path):
+    import json
+    from hart.official import OFFICIAL_SYSTEM_PROMPT
+    assert convert_main([str(FIXTURE), str(tmp_path / "a")]) == 0
+    assert convert_main([str(FIXTURE), str(tmp_path / "b"), "--no-system-prompt"]) == 0
+    a = json.loads((tmp_path / "a" / "text_encoder" / "config.json").read_text())
+    b = json.loads((tmp_path / "b" / "text_encoder" / "config.json").read_text())
+    assert a["system_prompt"] == OFFICIAL_SYSTEM_PROMPT and b["system_prompt"] == ""
+    sampling = json.loads((tmp_path / "a" / "model_index.json").read_text())["sampling"]
+    assert sampling["top_k"] == [600] * 7 + [300]
