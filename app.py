@@ -15,15 +15,28 @@ import secrets
 import threading
 from typing import Any, Iterator
 
-import gradio as gr
-from hart.pipeline import BUNDLED_MODEL, side_by_side
-
-try:  # Hugging Face ZeroGPU: request a GPU for the duration of each generation
+try:  # Hugging Face ZeroGPU; imported before torch, as ZeroGPU asks
     import spaces
-    gpu_task = spaces.GPU
 except ImportError:
-    def gpu_task(fn):
-        return fn
+    spaces = None
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from hart.pipeline import BUNDLED_MODEL
+
+# Seconds of GPU that ZeroGPU grants one call of `generate`: one 1024 px generation of up to 4 images.
+# Not measured on a GPU: the 0.7B model costs 27.4 TMAC (55 TFLOP) per 1024 px image with cfg
+# (BENCHMARKS.md), 220 TFLOP for 4 images, about 22 s in fp32 at a sustained 10 TFLOP/s on an A100-class
+# slice; moving the 0.7B transformer and the 1.5B Qwen2 text encoder (about 9 GB in fp32) to the GPU adds
+# a few seconds. Twice that, rounded up: 60 s. A shorter duration gets visitors a GPU sooner.
+GPU_DURATION = 60
+
+
+def gpu_task(fn):
+    """`spaces.GPU(duration=GPU_DURATION)` on ZeroGPU (the `spaces` package is importable); else `fn` as is."""
+    return spaces.GPU(duration=GPU_DURATION)(fn) if spaces is not None else fn
+
 
 TINY = "tiny (random weights)"
 MAX_SEED = 2**31 - 1
@@ -36,6 +49,29 @@ CSS = """
   image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;
 }
 """
+
+
+def side_by_side(images: list[Image.Image]) -> Image.Image | None:
+    """Images pasted left to right at native size (a single image is returned as is)."""
+    if len(images) <= 1:
+        return images[0] if images else None
+    canvas = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width
+    return canvas
+
+
+def residual_heatmap(hybrid: Image.Image, discrete: Image.Image) -> Image.Image:
+    """Per-pixel magnitude of what the residual changed, black -> red -> yellow -> white.
+
+    |hybrid - discrete| averaged over the colour channels, scaled so the largest change is white."""
+    change = np.abs(np.asarray(hybrid.convert("RGB"), np.float32)
+                    - np.asarray(discrete.convert("RGB"), np.float32)).mean(-1)
+    v = change / max(float(change.max()), 1e-6)
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
 
 def error(message: str) -> gr.Error:
@@ -171,9 +207,11 @@ def build_demo(model_sources: dict[str, str | None] | None = None, default: str 
                     result = item
         except ValueError as err:
             raise error(str(err)) from err
-        with_residual = bool(use_residual and result.residual_maps)
+        # without the residual head the pipeline hands back the discrete images as its images
+        with_residual = bool(use_residual and result.discrete_images) and result.images is not result.discrete_images
+        heat = [residual_heatmap(h, d) for h, d in zip(result.images, result.discrete_images)] if with_residual else []
         yield (side_by_side(result.discrete_images), side_by_side(result.images) if with_residual else None,
-               side_by_side(result.residual_maps) if with_residual else None,
+               side_by_side(heat) if with_residual else None,
                info_text(model, result.seed, res, opts, result.timings, count))
 
     def on_model_change(model: str) -> tuple:

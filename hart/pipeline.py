@@ -12,7 +12,6 @@ import secrets
 import time
 from typing import Iterator
 
-import numpy as np
 import torch
 from PIL import Image
 

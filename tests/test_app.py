@@ -259,3 +259,53 @@ def test_browser_renders_both_images(server, tmp_path):
     if os.environ.get("HART_UPDATE_SCREENSHOT") == "1":
         (ROOT / "assets").mkdir(exist_ok=True)
         shutil.copy(shot, ROOT / "assets" / "screenshot.png")
+
+
+def test_heatmap_and_side_by_side_are_app_helpers():
+    discrete = Image.new("RGB", (4, 2), (10, 10, 10))
+    hybrid = discrete.copy()
+    hybrid.putpixel((1, 0), (60, 10, 10))    # the largest change: white
+    hybrid.putpixel((2, 1), (15, 10, 10))    # a tenth of it: dark red
+    heat = np.asarray(app.residual_heatmap(hybrid, discrete))
+    assert heat.shape == (2, 4, 3)
+    assert tuple(heat[0, 1]) == (255, 255, 255) and tuple(heat[0, 0]) == (0, 0, 0)
+    assert heat[1, 2, 0] > 0 and heat[1, 2, 1] == heat[1, 2, 2] == 0
+    assert not np.asarray(app.residual_heatmap(discrete, discrete)).any()
+    row = app.side_by_side([discrete, hybrid, discrete])
+    assert row.size == (12, 2) and np.array_equal(np.asarray(row)[:, 4:8], np.asarray(hybrid))
+    assert app.side_by_side([hybrid]) is hybrid and app.side_by_side([]) is None
+
+
+def test_zero_gpu_wraps_generation(monkeypatch):
+    """With the `spaces` package (ZeroGPU) the generation handler asks for GPU_DURATION seconds; without, as is."""
+    asked = []
+
+    class FakeSpaces:
+        @staticmethod
+        def GPU(duration):
+            def wrap(fn):
+                asked.append((fn.__name__, duration))
+                fn.on_gpu = True
+                return fn
+            return wrap
+
+    def work():
+        pass
+
+    monkeypatch.setattr(app, "spaces", None)
+    assert app.gpu_task(work) is work and not hasattr(work, "on_gpu")
+    monkeypatch.setattr(app, "spaces", FakeSpaces)
+    demo = app.build_demo({app.TINY: None})
+    assert asked == [("generate", app.GPU_DURATION)]
+    assert next(f.fn for f in demo.fns.values() if f.name == "generate").on_gpu
+    assert 30 <= app.GPU_DURATION <= 120
+
+
+def test_registry_passes_the_text_encoder_variable(monkeypatch):
+    seen = []
+    monkeypatch.setattr(HARTPipeline, "from_pretrained",
+                        classmethod(lambda cls, path, text_encoder=None, device="cpu": seen.append(
+                            (path, text_encoder, device)) or "pipe"))
+    monkeypatch.setenv("HART_TEXT_ENCODER", "org/encoder")
+    assert app.ModelRegistry({"m": "org/model"}, device="cpu").get("m") == "pipe"
+    assert seen == [("org/model", "org/encoder", "cpu")]
