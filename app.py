@@ -41,6 +41,7 @@ def gpu_task(fn):
 TINY = "tiny (random weights)"
 MAX_SEED = 2**31 - 1
 MAX_PROMPT = 500
+MODEL_TOP_K = -1  # top-k control value meaning "the model's own per-scale schedule" (official: 600, then 300)
 EXAMPLES = ["red apple", "grinning face", "waving hand: medium skin tone", "rocket", "sunflower",
             "an emoji of a cat face"]
 # gradio 6 takes css/theme in launch(), not Blocks(): main() and the tests pass these along.
@@ -150,17 +151,24 @@ def check_inputs(prompt: str | None, cfg: Any, diffusion_steps: Any, use_residua
     if len(prompt) > MAX_PROMPT:
         raise error(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT}.")
     opts = dict(cfg=number("cfg", cfg, 0, 20), diffusion_steps=number("diffusion steps", diffusion_steps, 1, 50, True),
-                use_residual=bool(use_residual), top_k=number("top-k", top_k, 0, 1e9, True),
+                use_residual=bool(use_residual), top_k=number("top-k", top_k, MODEL_TOP_K, 1e9, True),
                 top_p=number("top-p", top_p, 0, 1), temperature=number("temperature", temperature, 0, 10, above=True),
                 more_smooth=bool(more_smooth))
+    if opts["top_k"] == MODEL_TOP_K:
+        opts["top_k"] = None  # the model's own per-scale schedule
     return prompt, opts, number("number of images", num_images, 1, 4, True)
+
+
+def top_k_control(top_k: int | tuple[int, ...]) -> int:
+    """The top-k slider's value for a model default: a per-scale schedule shows as MODEL_TOP_K."""
+    return MODEL_TOP_K if isinstance(top_k, tuple) else top_k
 
 
 def info_text(model: str, seed: int, resolution: int, opts: dict, timings: dict, count: int) -> str:
     t = {k: f"{timings.get(k, 0.0):.2f} s" for k in ("text", "ar", "diffusion", "decode", "total")}
     residual = f"on, {opts['diffusion_steps']} steps" if opts["use_residual"] else "off"
     return (f"**Seed: {seed}** · {resolution}px · {count} image(s) · model: {model}\n"
-            f"cfg {opts['cfg']:g} · residual {residual} · top-k {opts['top_k']} · top-p {opts['top_p']:g} · "
+            f"cfg {opts['cfg']:g} · residual {residual} · top-k {'per-scale schedule' if opts['top_k'] is None else opts['top_k']} · top-p {opts['top_p']:g} · "
             f"temperature {opts['temperature']:g} · more smooth {'on' if opts['more_smooth'] else 'off'}\n"
             f"Timings: text {t['text']} · AR {t['ar']} · residual diffusion {t['diffusion']} · "
             f"decode {t['decode']} · **total {t['total']}**")
@@ -218,7 +226,7 @@ def build_demo(model_sources: dict[str, str | None] | None = None, default: str 
         p = registry.get(model)
         s = p.sampling_defaults
         return (gr.update(choices=p.resolutions, value=p.default_resolution), s.cfg,
-                min(max(s.diffusion_steps, 1), 50), s.top_k, s.top_p, s.temperature)
+                min(max(s.diffusion_steps, 1), 50), top_k_control(s.top_k), s.top_p, s.temperature)
 
     with gr.Blocks(title="HART text-to-image") as demo:
         note = " **Random weights: images are noise.** Train or bundle a model to get pictures." \
@@ -241,7 +249,8 @@ def build_demo(model_sources: dict[str, str | None] | None = None, default: str 
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
                     randomize = gr.Checkbox(True, label="Randomize seed", elem_id="randomize_seed")
                 with gr.Accordion("Advanced", open=False):
-                    top_k = gr.Slider(0, 1000, value=d.top_k, step=1, label="Top-k (0 = off)", elem_id="top_k")
+                    top_k = gr.Slider(MODEL_TOP_K, 1000, value=top_k_control(d.top_k), step=1, elem_id="top_k",
+                                      label="Top-k (0 = off, -1 = the model's per-scale schedule)")
                     top_p = gr.Slider(0, 1, value=d.top_p, step=0.01, label="Top-p (0 = off)", elem_id="top_p")
                     temperature = gr.Slider(0.05, 2, value=d.temperature, step=0.05, label="Temperature",
                                             elem_id="temperature")

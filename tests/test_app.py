@@ -149,10 +149,10 @@ def test_streams_a_preview_per_scale(client):
     (dict(num_images=5), "maximum value 4"),
     (dict(top_p=1.5), "maximum value 1"),
     (dict(temperature=0), "minimum value 0.05"),
-    (dict(top_k=-1), "minimum value 0"),
+    (dict(top_k=-2), "minimum value -1"),
     (dict(model="broken"), "could not load model"),
 ], ids=["empty_prompt", "blank_prompt", "long_prompt", "cfg_25", "steps_0", "resolution_999", "num_images_5",
-        "top_p_1.5", "temperature_0", "top_k_-1", "broken_model"])
+        "top_p_1.5", "temperature_0", "top_k_-2", "broken_model"])
 def test_bad_inputs_raise(client, overrides, message):
     with pytest.raises(AppError, match=message):
         generate(client, **overrides)
@@ -204,11 +204,26 @@ def test_handler_checks_values_itself():
     assert (prompt, opts["diffusion_steps"], opts["use_residual"], count) == ("red apple", 8, True, 2)
     for bad, message in [(dict(prompt=None), "enter a prompt"), (dict(cfg=float("nan")), "cfg must be in"),
                          (dict(cfg=20.5), "cfg must be in"), (dict(diffusion_steps=2.5), "whole number"),
-                         (dict(diffusion_steps=51), "diffusion steps must be in"), (dict(top_k=-1), "top-k"),
+                         (dict(diffusion_steps=51), "diffusion steps must be in"), (dict(top_k=-2), "top-k"),
                          (dict(top_p=-0.1), "top-p"), (dict(temperature=0), r"temperature must be in \(0"),
                          (dict(num_images=0), "number of images"), (dict(cfg="abc"), "must be a number")]:
         with pytest.raises(app.gr.Error, match=message):
             app.check_inputs(**{**good, **bad})
+
+
+def test_top_k_minus_one_keeps_the_models_per_scale_schedule():
+    good = dict(prompt="red apple", cfg=3, diffusion_steps=8, use_residual=True, top_k=-1, top_p=0,
+                temperature=1, more_smooth=False, num_images=1)
+    assert app.check_inputs(**good)[1]["top_k"] is None  # None: the pipeline keeps its default
+    assert app.check_inputs(**{**good, "top_k": 7})[1]["top_k"] == 7
+    assert app.top_k_control((600, 300)) == app.MODEL_TOP_K == -1 and app.top_k_control(50) == 50
+    pipe = HARTPipeline.from_preset("tiny")
+    pipe.sampling_defaults.top_k = (1, 0)
+    _, opts, _ = app.check_inputs(**good)
+    result = pipe("red apple", resolution=32, seed=0, **opts)
+    greedy = pipe("red apple", resolution=32, seed=0, top_k=1)
+    unfiltered = pipe("red apple", resolution=32, seed=0, top_k=0)
+    assert result.images[0].tobytes() not in (greedy.images[0].tobytes(), unfiltered.images[0].tobytes())
 
 
 def test_registry_loads_once_and_sources(tmp_path, monkeypatch):
