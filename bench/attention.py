@@ -6,10 +6,10 @@ At the 0.7B configuration's last 512 px scale (CFG pair: 2 rows, 24 heads, 1,024
 300 text + 2,239 image keys, head dim 64) this times, interleaved in rounds after a warm-up:
   - sdpa: F.scaled_dot_product_attention (the sampler's path; the CPU flash kernel);
   - math: Q K^T, softmax in fp32, P V as three PyTorch calls;
-  - chunked: `hart.transformer.chunked_attention`, 256 queries at a time (per row and head, 2-D
-    matmuls in the input dtype, softmax in fp32). Faster than sdpa in bf16 here, but its logits are
-    rounded to bf16 (the kernel keeps them in fp32), so the sampler uses it only when asked
-    (`HARTPipeline.attention_query_chunk`; errors reported);
+  - chunked: `chunked_attention` below, 256 queries at a time (per row and head, 2-D matmuls in
+    the input dtype, softmax in fp32). Its logits are rounded to the input dtype (the flash kernel
+    keeps them in fp32); its error against fp32 SDPA is reported. An experiment only: the model
+    always runs SDPA;
   - flex: torch.compile(flex_attention), only with --flex (the first compile took 21 s here, 2 to 4 s from the cache);
   - gemm: the block's feed-forward up projection at the same 2,048 rows (2048 x 1536 x 4096),
     the kind of matmul the rest of the block is made of;
@@ -23,18 +23,38 @@ from pathlib import Path
 import sys
 import time
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # run as a script: the package from the repository root, not bench/'s modules
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.run import interleave, section_machine, stats  # noqa: E402
-from hart.transformer import chunked_attention  # noqa: E402
+from bench.measure import interleave, section_machine, stats  # noqa: E402
 
 ROWS, HEADS, QUERIES, KEYS, HEAD_DIM = 2, 24, 1024, 2539, 64
 GEMM = (2048, 1536, 4096)
+CHUNK = 256
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      chunk: int = CHUNK) -> torch.Tensor:
+    """Unmasked attention over [B, H, L, d] as plain 2-D matmuls: for every (row, head) pair and
+    every block of `chunk` queries, scores = (Q scale) K^T and out = softmax(scores) V, with the
+    matmuls in the inputs' dtype and the softmax accumulated in fp32."""
+    B, H, L, d = q.shape
+    queries = q.reshape(B * H, L, d)
+    keys_t = k.reshape(B * H, k.shape[2], d).transpose(1, 2)
+    values = v.reshape(B * H, v.shape[2], v.shape[3])
+    out = q.new_empty(B * H, L, v.shape[3])
+    for pair in range(B * H):
+        for first in range(0, L, chunk):
+            block = slice(first, min(first + chunk, L))
+            scores = torch.mm(queries[pair, block] * scale, keys_t[pair])
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out[pair, block] = torch.mm(weights, values[pair])
+    return out.view(B, H, L, v.shape[3])
 
 
 def variants(dtype: torch.dtype, flex: bool, queries: int = QUERIES, keys: int = KEYS) -> tuple[list, dict]:
@@ -51,7 +71,7 @@ def variants(dtype: torch.dtype, flex: bool, queries: int = QUERIES, keys: int =
         return torch.matmul(scores.softmax(-1).to(dtype), v)
 
     def chunked():
-        return chunked_attention(q, k, v, scale, 256)
+        return chunked_attention(q, k, v, scale, CHUNK)
 
     out = [("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)),
            ("math", math_attention),

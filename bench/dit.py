@@ -41,10 +41,11 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hart.diffusion import Schedule
 from hart.layers import TimestepEmbedder, modulate
-from hart.transformer import TransformerConfig, attention
+from hart.transformer import TransformerConfig
 
 MODULATIONS = ("single", "block")
 
@@ -88,14 +89,13 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.query_chunk = 0  # as HART's Attention: > 0 chunks bf16 inference attention
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = attention(q, k, v, query_chunk=self.query_chunk)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -103,7 +103,6 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.query_chunk = 0
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -117,7 +116,7 @@ class CrossAttention(nn.Module):
         B, L, C = x.shape
         q = self.q(x).view(B, L, self.heads, C // self.heads).transpose(1, 2)
         k, v = text_kv
-        out = attention(q, k, v, query_chunk=self.query_chunk)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 

@@ -1,5 +1,6 @@
 """The benchmark suite cannot rot: a tiny end-to-end run of bench/run.py whose JSON must hold
-every reported ratio as a finite positive number, plus the DiT baseline's sizing and shapes."""
+every reported ratio as a finite positive number, the stored results still rendering, plus the
+DiT baseline's sizing and shapes and the attention probe's chunked kernel."""
 from __future__ import annotations
 
 import json
@@ -192,7 +193,7 @@ def test_tiny_run_has_every_section_and_ratio(tiny_run):
 
 def test_markdown_tables_render(tiny_run, tmp_path):
     data, stdout = tiny_run
-    from bench.run import markdown
+    from bench.report import markdown
     text = markdown(data)
     for title in ("### Machine", "### Peak matmul", "### Generation", "### HART vs an equal-size DiT",
                   "### AR pass vs measured peak", "### Residual diffusion head", "### Decoder memory layout",
@@ -201,20 +202,38 @@ def test_markdown_tables_render(tiny_run, tmp_path):
     assert text == stdout  # the run prints the same tables it would render from its JSON
     path = tmp_path / "b.json"
     path.write_text(json.dumps(data))
-    proc = subprocess.run([sys.executable, "bench/run.py", "--markdown", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout == text
+    for cli in (["bench/run.py"], ["-m", "bench"]):  # the script and the package entry point alike
+        proc = subprocess.run([sys.executable, *cli, "--markdown", str(path)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout == text, (cli, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "bench" / "results").glob("bench-*.json")), ids=lambda p: p.name)
+def test_stored_results_still_render(path):
+    """Every recorded run renders with today's renderer: its settings (e.g. options since
+    removed) are kept as data, and every section it holds becomes a table."""
+    from bench.report import markdown
+    data = json.loads(path.read_text())
+    text = markdown(data)
+    assert text.startswith(f"Run: `{data['command']}`")
+    titles = {"machine": "### Machine", "peak_matmul": "### Peak matmul", "generation": "### Generation",
+              "vs_diffusion": "### HART vs an equal-size DiT", "vs_limit": "### AR pass vs measured peak",
+              "residual_head": "### Residual diffusion head", "decode_layout": "### Decoder memory layout",
+              "training": "### AR training"}
+    for section, title in titles.items():
+        assert (title in text) == bool(data.get(section)), (section, path.name)
 
 
 def test_forced_bf16_generation_runs_under_autocast(tmp_path):
     out = tmp_path / "bf16.json"
     cmd = [sys.executable, "bench/run.py", "--tiny", "--only", "vs_diffusion", "--precisions", "fp32,bf16",
            "--force-bf16", "--resolutions", "32", "--repeats", "1", "--threads", "1", "--dit-steps", "2",
-           "--cfg", "0", "--in-process", "--attention-query-chunk", "2", "--out", str(out)]
+           "--cfg", "0", "--in-process", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads(out.read_text())["settings"]["attention_query_chunk"] == 2  # bf16 rows: chunked attention
-    block = json.loads(out.read_text())["vs_diffusion"]["default_model"]
+    data = json.loads(out.read_text())
+    assert data["sections"] == ["machine", "vs_diffusion"] and data["command"].startswith("python bench/run.py ")
+    block = data["vs_diffusion"]["default_model"]
     cases = block["cases"]
     assert [c["precision"] for c in cases] == ["fp32", "bf16"]
     # --cfg 0 applies to both sides: no unconditional rows in the DiT, none in HART's AR pass
@@ -225,7 +244,7 @@ def test_forced_bf16_generation_runs_under_autocast(tmp_path):
 
 
 def test_counted_macs_leave_out_the_one_time_unconditional_prefix():
-    from bench.run import pipeline_macs
+    from bench.flops import pipeline_macs
     from hart.pipeline import HARTPipeline
     pipe = HARTPipeline.from_preset("tiny")
     first = pipeline_macs(pipe, resolution=32, num_images=1, seed=0, cfg=3.0)  # builds the kept prefix
@@ -249,3 +268,23 @@ def test_attention_benchmark_reports_rates(tmp_path):
         for variant in ("math", "chunked"):
             assert entry["max_abs_error_vs_fp32_sdpa"][variant] < (0.05 if precision == "bf16" else 1e-4)
         _positive(entry["sdpa_rate_over_gemm_rate"], f"{precision} ratio")
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+def test_attention_probe_chunked_kernel_matches_sdpa(dtype, tolerance):
+    """The probe's own chunked attention: blocks of queries (a last, shorter block included) per
+    row and head give SDPA's result."""
+    from bench.attention import chunked_attention
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=gen) for n in (37, 50, 50))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    out = chunked_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=16 ** -0.5, chunk=8)
+    assert out.dtype == dtype and out.shape == reference.shape
+    assert (out.float() - reference).abs().max() < tolerance
+
+
+def test_removed_attention_option_is_refused():
+    """The benchmark has no chunked-attention setting: the model always runs SDPA."""
+    proc = subprocess.run([sys.executable, "bench/run.py", "--attention-query-chunk", "256", "--markdown", "x.json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr
