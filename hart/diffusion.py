@@ -174,7 +174,6 @@ class ResidualDiffusionHead(nn.Module):
         return self._schedules[steps]
 
     # ---- inference
-    @torch.no_grad()
     def sample(self, z_cond: torch.Tensor, z_uncond: torch.Tensor | None = None, cfg: float = 0.0,
                steps: int | None = None, temperature: float = 1.0, generator: torch.Generator | None = None,
                noise: tuple[torch.Tensor, list[torch.Tensor]] | None = None) -> torch.Tensor:
@@ -183,13 +182,9 @@ class ResidualDiffusionHead(nn.Module):
         Guidance acts in epsilon space: eps = (1 + cfg) eps(z_cond) - cfg eps(z_uncond); the
         variance comes from the conditional rows. `noise` = (initial, per-step list) replaces
         the generator's draws (used by the parity check). Returns the residual, already
-        multiplied by `residual_scale`.
+        multiplied by `residual_scale`. Gradients flow when enabled (callers that only sample
+        run it under no_grad or inference_mode).
         """
-        return self._sample_chain(z_cond, z_uncond, cfg, steps, temperature, generator, noise)
-
-    def _sample_chain(self, z_cond, z_uncond=None, cfg=0.0, steps=None, temperature=1.0, generator=None,
-                      noise=None) -> torch.Tensor:
-        """`sample` without its no_grad: `sample_loss` backpropagates through the same chain."""
         steps = steps or self.sampling_steps
         sched = self.schedule(steps)
         N, D = z_cond.shape[0], self.net.token_dim
@@ -223,34 +218,17 @@ class ResidualDiffusionHead(nn.Module):
         return x * self.residual_scale
 
     # ---- training
-    def sample_loss(self, target: torch.Tensor, z: torch.Tensor, steps: int | None = None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean squared error of the temperature-0 sample (unguided, `steps` steps) against the
-        true residual, in the head's units (target / residual_scale), backpropagated through the
-        whole chain. The official loss teaches the denoiser at single timesteps; the app's default
-        output is this deterministic chain, and its MSE is what the residual's PSNR gain measures."""
-        sample = self._sample_chain(z, steps=steps, temperature=0.0, generator=generator)
-        return (sample.float() - target.float()).square().mean() / self.residual_scale ** 2
-
-    def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None,
-             low_t_share: float = 0.0, low_t_max: int = 300) -> torch.Tensor:
+    def loss(self, target: torch.Tensor, z: torch.Tensor, timesteps: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
         """IDDPM hybrid loss for residual tokens target [N, D] (unscaled) under conditions z [N, C].
 
         Mean-squared epsilon error plus the variational bound for the learned variance (with the
-        mean's gradient stopped in that term), averaged over tokens. Timesteps are uniform (the
-        official draw) unless `low_t_share` > 0: then that share of tokens draws t below
-        `low_t_max` instead. Residual targets are small against unit noise, so only low
-        timesteps carry much of the condition's signal; there the head learns it faster."""
+        mean's gradient stopped in that term), averaged over tokens. Timesteps [N] are drawn
+        uniformly from the 1000 training steps (the official draw) unless given."""
         sched = self.train_schedule
         x0 = target / self.residual_scale
         N, D = x0.shape
-        t = torch.randint(0, TRAIN_STEPS, (N,), generator=generator)
-        if low_t_share:
-            if not (0 < low_t_share <= 1 and 1 <= low_t_max <= TRAIN_STEPS):
-                raise ValueError(f"low_t_share must be in (0, 1] and low_t_max in [1, {TRAIN_STEPS}], "
-                                 f"got {low_t_share} and {low_t_max}")
-            low = torch.randint(0, low_t_max, (N,), generator=generator)
-            t = torch.where(torch.rand(N, generator=generator) < low_t_share, low, t)
+        t = torch.randint(0, TRAIN_STEPS, (N,), generator=generator) if timesteps is None else timesteps
         t = t.to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         ac = torch.from_numpy(sched.alphas_cumprod).to(x0.device)[t].float()[:, None]

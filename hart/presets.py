@@ -29,16 +29,18 @@ def _tiny() -> Preset:
 
 
 def _emoji() -> Preset:
-    """The default CPU model: 64px stage 1 and 128px stage 2 from one set of weights."""
+    """The bundled CPU model (assets/hart-emoji): 64 and 128 px from one set of weights."""
     text = TextEncoderConfig(kind="minilm", max_length=16)
     # ch 32 / (1, 1, 2, 4): 28 img/s fp32 training on 2 cores vs 9 img/s for ch 64 / (1, 1, 2, 2)
-    tok = TokenizerConfig(vocab_size=1024, z_channels=16, ch=32, ch_mult=(1, 1, 2, 4), num_res_blocks=1,
+    tok = TokenizerConfig(vocab_size=1024, z_channels=32, ch=32, ch_mult=(1, 1, 2, 4), num_res_blocks=1,
                           attn_at_lowest_level=False, mid_attn=False)
-    tf = TransformerConfig(vocab_size=1024, token_dim=16, context_token=16, context_dim=384, embed_dim=256,
-                           depth=6, num_heads=4, mlp_hidden=768, patch_nums=(1, 2, 3, 4, 6, 8),
-                           diff_width=256, diff_depth=3)
-    return Preset(tok, tf, text, {64: (1, 2, 3, 4, 6, 8), 128: (1, 2, 3, 4, 6, 8, 11, 16)},
-                  {"cfg": 3.0, "top_k": 0, "top_p": 0.0, "diffusion_steps": 8})
+    resolutions = {64: (1, 2, 3, 4, 6, 8), 128: (1, 2, 3, 4, 6, 8, 11, 16)}
+    tf = TransformerConfig(vocab_size=1024, token_dim=32, context_token=16, context_dim=384, embed_dim=256,
+                           depth=6, num_heads=4, mlp_hidden=768, patch_nums=resolutions[128],
+                           diff_width=512, diff_depth=4, residual_scale=0.15, resolution_sides=(8, 16))
+    return Preset(tok, tf, text, resolutions,
+                  {"cfg": 2.0, "top_k": 50, "top_p": 0.0, "temperature": 0.5, "diffusion_steps": 8,
+                   "residual_temperature": 0.0, "residual_cfg": 0.0})
 
 
 def _hart_07b() -> Preset:

@@ -29,9 +29,6 @@ class TokenizerConfig:
     quant_conv_ks: int = 3
     quant_resi: float = 0.5         # phi(h) = (1 - q) h + q conv(h)
     share_quant_resi: int = 4       # number of shared phi convs
-    beta: float = 0.25              # commitment weight (training)
-    continuous_prob: float = 0.5    # training: probability of the continuous (hybrid) path
-    decoder_ch: int = 0             # decoder base width; 0 = ch (the official layout)
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)
@@ -134,7 +131,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        g, mult, ch = cfg.norm_groups, cfg.ch_mult, cfg.decoder_ch or cfg.ch
+        g, mult, ch = cfg.norm_groups, cfg.ch_mult, cfg.ch
         block_in = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
         self.mid = _mid(block_in, cfg)
@@ -227,7 +224,6 @@ class MultiScaleQuantizer(nn.Module):
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.z_channels)
         nn.init.uniform_(self.embedding.weight, -1 / cfg.vocab_size, 1 / cfg.vocab_size)
         self.quant_resi = PhiShared(cfg.z_channels, cfg.quant_resi, cfg.share_quant_resi)
-        self.beta = cfg.beta
 
     def nearest_codes(self, z: torch.Tensor) -> torch.Tensor:
         """z [N, C] -> index of the nearest code by squared L2 (first index wins ties)."""
@@ -285,8 +281,10 @@ class MultiScaleQuantizer(nn.Module):
             inputs.append(F.interpolate(fhat, size=(nxt, nxt), mode="area").flatten(2).transpose(1, 2))
         return torch.cat(inputs, 1)
 
-    def forward(self, f: torch.Tensor, scale_sizes, continuous: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Training quantization with a straight-through estimator.
+    def forward(self, f: torch.Tensor, scale_sizes, continuous: bool,
+                beta: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Training quantization with a straight-through estimator; `beta` weighs the commitment
+        term that pulls the latent toward its codes.
 
         Returns (f_hat for the decoder, vq loss, per-scale indices). The continuous path adds
         the leftover residual, so the decoder sees f itself; the discrete path sees the
@@ -306,7 +304,7 @@ class MultiScaleQuantizer(nn.Module):
             h = codes if last else self.upsampled_scale(codes, si, scale_sizes)
             fhat = fhat + h
             rest = rest - h.detach()
-            vq_loss = vq_loss + F.mse_loss(fhat, f.detach()) + self.beta * F.mse_loss(fhat.detach(), f)
+            vq_loss = vq_loss + F.mse_loss(fhat, f.detach()) + beta * F.mse_loss(fhat.detach(), f)
         vq_loss = vq_loss / len(scale_sizes)
         if continuous:  # discrete + residual reconstructs f exactly
             return f, vq_loss, indices
@@ -364,15 +362,17 @@ class HybridTokenizer(nn.Module):
         return self.decoder(h).clamp(-1, 1)
 
     def forward(self, images: torch.Tensor, scale_sizes, continuous: bool | None = None,
-                generator: torch.Generator | None = None) -> TrainingOutput:
+                generator: torch.Generator | None = None, continuous_prob: float = 0.5,
+                beta: float = 0.25) -> TrainingOutput:
         """Training forward: reconstruction, vq loss, indices, which path ran, and the latent.
 
-        With `continuous=None` the path is drawn: continuous with probability
-        `config.continuous_prob`, otherwise discrete-only (HART's alternating objective)."""
+        With `continuous=None` the path is drawn: continuous with probability `continuous_prob`
+        (HART: 0.5), otherwise discrete-only (HART's alternating objective). `beta` is the
+        commitment weight of the vq loss."""
         if continuous is None:
             draw = torch.rand((), generator=generator)
-            continuous = bool(draw < self.config.continuous_prob)
+            continuous = bool(draw < continuous_prob)
         f = self.encode_latent(images)
-        fhat, vq_loss, indices = self.quantize(f, scale_sizes, continuous)
+        fhat, vq_loss, indices = self.quantize(f, scale_sizes, continuous, beta)
         recon = self.decoder(self.post_quant_conv(fhat))
         return TrainingOutput(recon, vq_loss, indices, continuous, f)

@@ -3,7 +3,7 @@ images for exact captions and for paraphrases in wording never used in training,
 residual head adds, latency, and a cfg / top-k sweep that can choose the model's defaults.
 
     python -m train.evaluate --model assets/hart-emoji --data data/emoji --out eval.json [--choose-defaults]
-    python -m train.evaluate --tokenizer runs/tok64/tokenizer --out tok-eval.json   # tokenizer only, 64 + 128 px
+    python -m train.evaluate --tokenizer work/tok64/tokenizer --out tok-eval.json   # tokenizer only, 64 + 128 px
 
 Retrieval: every generated image is compared (pixel L2 at 32x32) with every dataset image; top-1
 is a hit when the nearest one is the prompt's own emoji.
@@ -18,21 +18,15 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hart.pipeline import HARTPipeline
 from hart.presets import get_preset
-from hart.sampler import expected_code_offset
+from .common import images_to_tensor, load_tokenizer, teacher_forced_condition
 from .data import HELD_OUT_TEMPLATES, load_dataset
 from .metrics import psnr
-from .train_ar import load_tokenizer
 from .train_tokenizer import evaluate as evaluate_tokenizer
-
-
-def pil_batch(images) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
 
 
 def retrieval_features(images: torch.Tensor, side: int = 32) -> torch.Tensor:
@@ -69,7 +63,7 @@ def generate_and_retrieve(pipe, prompts, resolution, database, references, batch
         chunk = prompts[start:start + batch]
         result = pipe([p for p, _ in chunk], resolution=resolution, seed=start, **kwargs)
         targets = torch.tensor([t for _, t in chunk])
-        outputs = {"hybrid": pil_batch(result.images), "discrete": pil_batch(result.discrete_images)}
+        outputs = {"hybrid": images_to_tensor(result.images), "discrete": images_to_tensor(result.discrete_images)}
         for name, images in outputs.items():
             rank, nearest = retrieve(images, database, targets)
             stats[name]["rank"] += rank.tolist()
@@ -119,17 +113,10 @@ def residual_head_check(pipe, references: torch.Tensor, captions: list[str], sca
     indices, residual = tok.encode(images, scales)
     fhat = tok.indices_to_fhat(indices, scales)
     states, _, positions = pipe.text_encoder([captions[int(i)] for i in picked])
-    dtype = tf.word_embed.weight.dtype
-    inputs = tok.quantize.teacher_forcing_inputs(indices, scales)
-    logits, hidden_last, _ = tf(states.to(dtype), positions, inputs.to(dtype), scales)
-    offset = (expected_code_offset(logits[:, -hidden_last.shape[1]:], tok.codebook, indices[-1])
-              if tf.config.head_expected_code else None)
-    z = tf.head_input(tf.diffusion_condition(hidden_last, tok.codebook[indices[-1]].to(dtype)), offset)
+    z = teacher_forced_condition(tf, tok, states, positions, indices, scales)
     predicted = tf.diffloss.sample(z.flatten(0, 1), steps=pipe.sampling_defaults.diffusion_steps,
                                    temperature=pipe.sampling_defaults.residual_temperature,
                                    generator=torch.Generator().manual_seed(seed)).view_as(residual)
-    if offset is not None:
-        predicted = predicted + offset
     base = psnr(tok.decode(fhat), images)
     error = (predicted.float() - residual.float()).square().mean() / residual.float().square().mean()
     return {"images": len(picked),
@@ -180,7 +167,8 @@ def sweep(pipe, prompt_sets_by_res: dict, databases: dict, references: dict, set
 def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2.0, 3.0, 4.5),
              top_ks: tuple = (0, 50, 10), residual_temperatures: tuple = (1.0, 0.5, 0.0), sweep_count: int = 100,
              seed: int = 0, val_fraction: float = 0.05, choose_defaults: bool = False,
-             residual_cfgs: tuple = (None, 0.0), temperatures: tuple = (1.0, 0.5)) -> dict:
+             residual_cfgs: tuple = (None, 0.0), temperatures: tuple = (1.0, 0.5),
+             latency_repeats: int = 5) -> dict:
     """The report. With choose_defaults the sweep runs first on prompts disjoint from the
     reported ones: cfg, top-k and the token sampling temperature (by retrieval top-1), then the
     residual head's noise temperature and then its guidance (None: the last scale's cfg), both by
@@ -229,7 +217,7 @@ def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2
         val = load_dataset(data, res, "val", val_fraction, seed)
         tok_metrics, _ = evaluate_tokenizer(pipe.tokenizer, val, scales)
         tok_metrics.update(reconstruction_retrieval(pipe.tokenizer, references[res], databases[res], scales))
-        entry = {"tokenizer": tok_metrics, "generation": {}, "latency_s": latency(pipe, res)}
+        entry = {"tokenizer": tok_metrics, "generation": {}, "latency_s": latency(pipe, res, latency_repeats)}
         for name, prompts in sets[res].items():
             entry["generation"][name] = generate_and_retrieve(pipe, prompts, res, databases[res], references[res])
         entry["residual_gain_db"] = entry["generation"]["exact"]["residual_gain_db"]

@@ -1,25 +1,25 @@
-"""Assemble a shippable pipeline folder from a trained AR export, optionally with a tokenizer
-whose decoder was finetuned afterwards (`train_tokenizer --decoder-only true`), cast to fp16.
+"""Assemble a shippable pipeline folder from a trained model, optionally with a tokenizer whose
+decoder was finetuned afterwards (`train_tokenizer --decoder-only true`), cast to fp16.
 
-    python -m train.package --model runs/ar64/model --tokenizer runs/tokdec/tokenizer \\
+    python -m train.package --model work/head/model --tokenizer work/tokdec/tokenizer \\
         --name hart-emoji --out assets/hart-emoji
 
 A new decoder is only accepted when everything that makes the tokens (encoder, quant convs,
 codebook, phi) is identical to the tokenizer the AR model was trained on: then the AR model's
-tokens and residual targets mean exactly what they meant in training.
+tokens and residual targets mean exactly what they meant in training. Packaged by `train.recipe`,
+the folder also gets `recipe.json`: the recipe's name and the config of every stage.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 import sys
 
 import torch
 
-from hart.checkpoint import CheckpointError, config_from_dict, load_into, read_json, read_weights
+from hart.checkpoint import CheckpointError, config_from_dict, load_into, read_json, read_weights, write_json
 from hart.pipeline import HARTPipeline
-from hart.tokenizer import HybridTokenizer, TokenizerConfig
+from hart.tokenizer import TokenizerConfig
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -34,9 +34,9 @@ def swap_decoder(pipe: HARTPipeline, tokenizer_dir: str | Path) -> list[str]:
     Returns the keys that changed (the decoder's)."""
     tokenizer_dir = Path(tokenizer_dir)
     cfg = config_from_dict(TokenizerConfig, read_json(tokenizer_dir / "config.json"), str(tokenizer_dir))
-    current = pipe.tokenizer.config
-    if replace(cfg, decoder_ch=current.decoder_ch) != current:  # only the decoder's width may change
-        raise CheckpointError(f"{tokenizer_dir}: tokenizer config differs from the model's ({cfg} vs {current})")
+    if cfg != pipe.tokenizer.config:
+        raise CheckpointError(f"{tokenizer_dir}: tokenizer config differs from the model's ({cfg} vs "
+                              f"{pipe.tokenizer.config})")
     new = read_weights(tokenizer_dir / "model.safetensors")
     old = pipe.tokenizer.state_dict()
     differing = [k for k in token_side_keys(old) if k not in new or not torch.equal(new[k].to(old[k].dtype), old[k])]
@@ -44,31 +44,38 @@ def swap_decoder(pipe: HARTPipeline, tokenizer_dir: str | Path) -> list[str]:
         raise CheckpointError(f"{tokenizer_dir} changes how images become tokens ({len(differing)} tensors, e.g. "
                               f"{differing[:3]}): the AR model would no longer match it. Finetune with "
                               "--decoder-only true, or retrain the AR model on this tokenizer")
-    changed = [k for k in new if k not in old or old[k].shape != new[k].shape
-               or not torch.equal(new[k].to(old[k].dtype), old[k])]
-    if cfg != current:  # a wider decoder: a new module, then the weights
-        pipe.tokenizer = HybridTokenizer(cfg).eval()
+    changed = [k for k in new if k not in old or not torch.equal(new[k].to(old[k].dtype), old[k])]
     load_into(pipe.tokenizer, new, str(tokenizer_dir / "model.safetensors"))
     return changed
 
 
+def package(model: str, out: str, name: str = "", tokenizer: str = "", dtype: str = "fp16",
+            recipe: dict | None = None) -> Path:
+    """Write the pipeline `model` (with the decoder of `tokenizer`, if given) to `out` in `dtype`;
+    `recipe` (how it was trained) goes to out/recipe.json."""
+    pipe = HARTPipeline.from_pretrained(model)
+    if tokenizer:
+        changed = swap_decoder(pipe, tokenizer)
+        print(f"decoder from {tokenizer}: {len(changed)} tensors changed, token side identical")
+    if name:
+        pipe.name = name
+    if recipe is not None:
+        write_json(recipe, Path(out) / "recipe.json")
+    pipe.save_pretrained(out, dtype=DTYPES[dtype])
+    size = sum(f.stat().st_size for f in Path(out).rglob("*.safetensors"))
+    print(f"wrote {out} ({size / 2 ** 20:.1f} MiB of weights, {dtype})")
+    return Path(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="pipeline folder written by train.train_ar")
-    parser.add_argument("--tokenizer", default=None, help="decoder-finetuned tokenizer folder")
-    parser.add_argument("--name", default=None)
+    parser.add_argument("--model", required=True, help="pipeline folder written by train.train_ar or train.train_head")
+    parser.add_argument("--tokenizer", default="", help="decoder-finetuned tokenizer folder")
+    parser.add_argument("--name", default="")
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    pipe = HARTPipeline.from_pretrained(args.model)
-    if args.tokenizer:
-        changed = swap_decoder(pipe, args.tokenizer)
-        print(f"decoder from {args.tokenizer}: {len(changed)} tensors changed, token side identical")
-    if args.name:
-        pipe.name = args.name
-    pipe.save_pretrained(args.out, dtype=DTYPES[args.dtype])
-    size = sum(f.stat().st_size for f in Path(args.out).rglob("*.safetensors"))
-    print(f"wrote {args.out} ({size / 2 ** 20:.1f} MiB of weights, {args.dtype})")
+    package(args.model, args.out, args.name, args.tokenizer, args.dtype)
     return 0
 
 

@@ -8,52 +8,48 @@ makes them resolution-free) and drops most last-scale tokens (`--drop-last-scale
 `--replay-resolution 64 --replay-every 4` keeps training a quarter of the steps at 64 px so the
 one model serves both resolutions.
 
-    python -m train.train_ar --preset emoji-64 --tokenizer runs/tok64/tokenizer --out runs/ar64
+    python -m train.train_ar --preset emoji-64 --tokenizer work/tok64/tokenizer --out work/ar64
     accelerate launch --num_processes 8 -m train.train_ar --preset emoji-128 ...
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 import hashlib
 import json
 from pathlib import Path
 import sys
-import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hart.checkpoint import (config_from_dict, load_into, read_json, read_weights, write_json,
-                             write_weights)
+from hart.checkpoint import config_from_dict, read_json, read_weights, write_weights
 from hart.pipeline import HARTPipeline, write_pipeline
 from hart.presets import get_preset
-from hart.sampler import expected_code_offset
 from hart.text_encoder import TextEncoder
 from hart.tokenizer import HybridTokenizer, TokenizerConfig
-from hart.transformer import HARTTransformer
+from hart.transformer import HARTTransformer, TransformerConfig
 
-from .common import (adamw_decaying_matrices, batch_indices, Checkpointer, clip_gradients, cosine_lr, EMA,
-                     hash_weights, load_config, make_accelerator, plot_curves, record_process_checksums, RunLog,
-                     set_lr, step_generator, StopSignal, unwrap, warm_start)
+from .common import (adamw_decaying_matrices, batch_indices, check_schedule, EMA, hash_weights,
+                     images_to_tensor, load_tokenizer, scale_schedule, warm_start)
 from .data import load_dataset
+from .engine import clip_gradients, command_line, Engine, RunConfig, unwrap
 from .metrics import save_grid
 
 
 @dataclass
-class ARTrainConfig:
+class ARTrainConfig(RunConfig):
+    out: str = "work/ar"
     data: str = "data/emoji"
-    out: str = "runs/ar"
     tokenizer: str = ""                # tokenizer folder (config.json + model.safetensors) or a pipeline folder
     model_preset: str = "emoji"
-    resolution: int = 64
-    scales: tuple = ()                 # empty: the preset's schedule for this resolution
+    resolution: int = 64               # trained with the preset's scale schedule for it
     init_from: str = ""                # pipeline folder whose transformer weights start this run (stage 2)
     init_partial: bool = False         # warm start: load only the tensors whose shapes match (new tokenizer)
-    split: str = "all"                 # data split trained on (all | train)
-    caption_variation: bool = True
+    diff_width: int = 0                # residual head shape: 0 = --init-from's, else the preset's
+    diff_depth: int = 0
+    residual_scale: float = 0.0        # >0: the head models residual / this (0: --init-from's, else the preset's)
     batch_size: int = 32
     lr: float = 6e-4
     weight_decay: float = 0.05
@@ -61,36 +57,22 @@ class ARTrainConfig:
     steps: int = 6000
     grad_clip: float = 2.0
     ema_decay: float = 0.999
-    cond_drop: float = 0.1             # uniform draw per sample
-    diffusion_batch_mul: int = 4
-    diffusion_low_t_share: float = 0.0  # share of head tokens trained at t < diffusion_low_t_max (0: uniform)
-    diffusion_low_t_max: int = 300
-    diffusion_weight: float = 1.0
-    residual_scale: float = 0.0        # >0: the head models residual / this (0: --init-from's, else the preset's)
+    cond_drop: float = 0.1             # share of captions dropped for CFG (uniform draw per sample)
+    diffusion_batch_mul: int = 4       # repeats of each residual token in the diffusion loss
     drop_last_scale: bool = False      # MAR-style last-scale token dropping
     drop_min_keep: int = 16
     replay_resolution: int = 0         # stage 2: also train at this (stage-1) resolution ...
     replay_every: int = 0              # ... on every n-th step, so one model keeps both resolutions
     resolution_embed: bool = False     # with replay: a learned text-slot vector per resolution (text_level)
     first_token_weight: float = 1.0    # cross-entropy weight of the 1x1 token against 1 for every other token
-    attn_impl: str = "math"            # math | sdpa (math is faster for masked backward on CPU)
-    mixed_precision: str = "auto"
-    cfg_default: float = 3.0           # sampling defaults stored with the model
-    seed: int = 0
-    val_fraction: float = 0.05
-    log_every: int = 20
-    eval_every: int = 1000
     checkpoint_every: int = 500
-    checkpoint_minutes: float = 10.0
-    max_minutes: float = 0.0
-    resume: bool = True
 
 
 RESOLUTION_EMBED_LR_MULTIPLIER = 20.0
 
 PRESETS = {
     "tiny": ARTrainConfig(model_preset="tiny", resolution=32, batch_size=8, steps=30, warmup=5, log_every=5,
-                          eval_every=30, checkpoint_every=15, diffusion_batch_mul=2),
+                          checkpoint_every=15, diffusion_batch_mul=2),
     "emoji-64": ARTrainConfig(),
     "emoji-128": ARTrainConfig(resolution=128, batch_size=16, steps=4000, lr=3e-4, warmup=100,
                                drop_last_scale=True, replay_resolution=64, replay_every=4, resolution_embed=True),
@@ -198,43 +180,45 @@ class ARLoss(nn.Module):
             probs = logits[:, -n_last:].detach().float().softmax(-1)
             sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:2])
         codes = self.codebook[sampled]
-        target = rest_kept - codes
-        offset = None
-        if tf.config.head_expected_code:
-            offset = expected_code_offset(logits[:, -n_last:].detach(), self.codebook, sampled)
-            target = target - offset
-        z = tf.head_input(tf.diffusion_condition(hidden_last, codes), offset)
-        target = target.flatten(0, 1)
+        target = (rest_kept - codes).flatten(0, 1)
+        z = tf.diffusion_condition(hidden_last, codes).flatten(0, 1)
         mul = self.cfg.diffusion_batch_mul
-        diff = tf.diffloss.loss(target.repeat(mul, 1), z.flatten(0, 1).repeat(mul, 1), generator=generator,
-                               low_t_share=self.cfg.diffusion_low_t_share, low_t_max=self.cfg.diffusion_low_t_max)
+        diff = tf.diffloss.loss(target.repeat(mul, 1), z.repeat(mul, 1), generator=generator)
         accuracy = (logits.argmax(-1) == all_targets).float().mean()
-        return objective + self.cfg.diffusion_weight * diff, ce.detach(), diff.detach(), accuracy
+        return objective + diff, ce.detach(), diff.detach(), accuracy
 
 
-# ------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------ model and data
 
-def load_tokenizer(path: str) -> HybridTokenizer:
-    folder = Path(path)
-    if not path:
-        raise ValueError("--tokenizer is required: a tokenizer folder or a pipeline folder")
-    if (folder / "tokenizer" / "config.json").is_file():
-        folder = folder / "tokenizer"
-    cfg = config_from_dict(TokenizerConfig, read_json(folder / "config.json"), str(folder / "config.json"))
-    tokenizer = HybridTokenizer(cfg)
-    load_into(tokenizer, read_weights(folder / "model.safetensors"), str(folder / "model.safetensors"))
-    return tokenizer.eval().requires_grad_(False)
+def transformer_config(cfg: ARTrainConfig, tokenizer: TokenizerConfig,
+                       init: TransformerConfig | None = None) -> TransformerConfig:
+    """The trained transformer's config: the preset's at this run's schedule and tokenizer, with the
+    head shape, units and resolution vectors of the --init-from model (`init`, read from it when not
+    given), then this run's overrides."""
+    tf_cfg = get_preset(cfg.model_preset).transformer
+    tf_cfg.vocab_size, tf_cfg.token_dim = tokenizer.vocab_size, tokenizer.z_channels
+    tf_cfg.patch_nums = scale_schedule(cfg.model_preset, cfg.resolution)
+    tf_cfg.resolution_sides = ()
+    init_path = Path(cfg.init_from) / "transformer" / "config.json"
+    if init is None and cfg.init_from and init_path.is_file():
+        init = config_from_dict(TransformerConfig, read_json(init_path), str(init_path))
+    if init is not None:  # keep the warm-started head's shape (train_head may have changed it), units and vectors
+        for name in ("diff_width", "diff_depth", "residual_scale", "resolution_sides"):
+            setattr(tf_cfg, name, getattr(init, name))
+    for name in ("diff_width", "diff_depth", "residual_scale"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive (or 0 to keep the model's)")
+        if getattr(cfg, name):
+            setattr(tf_cfg, name, getattr(cfg, name))
+    if cfg.resolution_embed and cfg.replay_every:
+        trained = {tf_cfg.patch_nums[-1], scale_schedule(cfg.model_preset, cfg.replay_resolution)[-1]}
+        tf_cfg.resolution_sides = tuple(sorted(trained | set(tf_cfg.resolution_sides)))
+    return tf_cfg
 
 
-def schedule_for(cfg: ARTrainConfig, resolution: int | None = None) -> tuple[int, ...]:
-    if cfg.scales and resolution is None:
-        return tuple(cfg.scales)
-    resolution = cfg.resolution if resolution is None else resolution
-    resolutions = get_preset(cfg.model_preset).resolutions
-    if resolution not in resolutions:
-        raise ValueError(f"resolution {resolution} has no schedule in preset {cfg.model_preset!r} "
-                         f"({sorted(resolutions)}); pass --scales")
-    return resolutions[resolution]
+def trained_resolutions(cfg: ARTrainConfig) -> dict[int, tuple[int, ...]]:
+    """The resolutions the saved pipeline serves: the preset's up to the trained one."""
+    return {r: tuple(s) for r, s in get_preset(cfg.model_preset).resolutions.items() if r <= cfg.resolution}
 
 
 @dataclass
@@ -248,191 +232,128 @@ class ResolutionData:
     per_epoch: int
 
 
-def prepare_resolution(cfg: ARTrainConfig, resolution: int, scales, tokenizer, accelerator, out: Path) -> ResolutionData:
-    ds = tokenizer.config.downsample
-    if resolution % ds:
-        raise ValueError(f"resolution {resolution} is not divisible by the tokenizer's downsampling factor {ds}")
-    if scales[-1] * ds != resolution:
-        raise ValueError(f"scales {scales}: the last scale x {ds} must equal {resolution}")
-    dataset = load_dataset(cfg.data, resolution, cfg.split, cfg.val_fraction, cfg.seed,
-                           caption_variation=cfg.caption_variation)
-    cache = TokenCache(tokenizer, dataset, scales, out / "cache")
-    if accelerator.is_main_process:
+def prepare_resolution(cfg: ARTrainConfig, resolution: int, tokenizer, engine: Engine) -> ResolutionData:
+    scales = scale_schedule(cfg.model_preset, resolution)
+    check_schedule(resolution, scales, tokenizer.config.downsample)
+    dataset = load_dataset(cfg.data, resolution, "all", caption_variation=True)
+    cache = TokenCache(tokenizer, dataset, scales, engine.out / "cache")
+    if engine.is_main:
         cache.build(tokenizer, dataset)
-    accelerator.wait_for_everyone()
+    engine.accelerator.wait_for_everyone()
     indices, rest = cache.load()
     items = torch.tensor(dataset.indices)
-    per_epoch = max(1, len(items) // (cfg.batch_size * accelerator.num_processes))
+    per_epoch = max(1, len(items) // (cfg.batch_size * engine.world))
     return ResolutionData(tuple(scales), dataset, indices, rest, items, per_epoch)
 
 
 @torch.no_grad()
-def sample_grid(transformer, tokenizer, encoder, prompts, resolution: int, scales, path: Path, cfg_scale: float):
+def sample_grid(pipe: HARTPipeline, prompts, resolution: int, path: Path):
     """Rows: discrete-only and hybrid samples for `prompts` at one resolution."""
-    pipe = HARTPipeline(tokenizer, transformer, encoder, {resolution: scales}, {"cfg": cfg_scale})
     result = pipe(prompts, resolution=resolution, seed=0)
-
-    def as_tensor(images):
-        return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
-    save_grid((as_tensor(result.discrete_images), as_tensor(result.images)), path, scale=2)
+    save_grid((images_to_tensor(result.discrete_images), images_to_tensor(result.images)), path, scale=2)
 
 
 # ------------------------------------------------------------------ training
 
 def train(cfg: ARTrainConfig) -> dict:
-    out = Path(cfg.out)
-    scales = schedule_for(cfg)
     preset = get_preset(cfg.model_preset)
-    tokenizer = load_tokenizer(cfg.tokenizer)
     if cfg.replay_every and not cfg.replay_resolution:
         raise ValueError("--replay-every needs --replay-resolution")
-    tf_cfg = preset.transformer
-    tf_cfg.vocab_size, tf_cfg.token_dim = tokenizer.config.vocab_size, tokenizer.config.z_channels
-    tf_cfg.patch_nums, tf_cfg.diffusion_batch_mul, tf_cfg.cond_drop_rate = scales, cfg.diffusion_batch_mul, cfg.cond_drop
-    if cfg.residual_scale < 0:
-        raise ValueError(f"--residual-scale must be positive (or 0 to keep the model's), got {cfg.residual_scale}")
-    init_config_path = Path(cfg.init_from) / "transformer" / "config.json"
-    if cfg.init_from and init_config_path.is_file():
-        # keep the warm-started head's shape (train_head may have deepened it), units and inputs
-        init_config = read_json(init_config_path)
-        for name in ("diff_width", "diff_depth", "residual_scale", "resolution_sides", "head_expected_code"):
-            setattr(tf_cfg, name, init_config.get(name, getattr(tf_cfg, name)))
-    if cfg.residual_scale:
-        tf_cfg.residual_scale = cfg.residual_scale
-    if cfg.resolution_embed and cfg.replay_every:
-        trained = {scales[-1], schedule_for(cfg, cfg.replay_resolution)[-1]}
-        tf_cfg.resolution_sides = tuple(sorted(trained | set(tf_cfg.resolution_sides)))
-
-    accelerator = make_accelerator(cfg.mixed_precision, log_dir=out)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main_data = prepare_resolution(cfg, cfg.resolution, scales, tokenizer, accelerator, out)
-    replay = None
-    if cfg.replay_resolution and cfg.replay_every:
-        replay = prepare_resolution(cfg, cfg.replay_resolution, schedule_for(cfg, cfg.replay_resolution),
-                                    tokenizer, accelerator, out)
-    dataset = main_data.dataset
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    tf_cfg = transformer_config(cfg, tokenizer.config)
+    engine = Engine(cfg, f"ar{cfg.resolution}")
+    main_data = prepare_resolution(cfg, cfg.resolution, tokenizer, engine)
+    replay = prepare_resolution(cfg, cfg.replay_resolution, tokenizer, engine) if cfg.replay_every else None
     residual_std = (main_data.rest - tokenizer.codebook[main_data.indices[:, -main_data.rest.shape[1]:]]).std().item()
-    accelerator.print(f"residual tokens: std {residual_std:.4f}; the head sees residual / {tf_cfg.residual_scale} "
-                      f"with std {residual_std / tf_cfg.residual_scale:.3f} (aim for about 0.2)")
+    engine.print(f"residual tokens: std {residual_std:.4f}; the head sees residual / {tf_cfg.residual_scale} "
+                 f"with std {residual_std / tf_cfg.residual_scale:.3f} (aim for about 0.2)")
     encoder = TextEncoder.from_config(preset.text_encoder)
     if encoder.hidden_size != tf_cfg.context_dim:
         raise ValueError(f"text encoder width {encoder.hidden_size} != transformer context_dim {tf_cfg.context_dim}")
-
     text_cache = TextCache(encoder)
 
     torch.manual_seed(cfg.seed)
     transformer = HARTTransformer(tf_cfg)
     if cfg.init_from:
-        src = Path(cfg.init_from) / "transformer" / "model.safetensors"
-        warm_start(transformer, src, cfg.init_partial, accelerator, may_be_new=("resolution_embed",))
-    for block in transformer.blocks:
-        block.attn.use_sdpa = cfg.attn_impl == "sdpa"
+        warm_start(transformer, Path(cfg.init_from) / "transformer" / "model.safetensors", cfg.init_partial,
+                   engine.print, may_be_new=("resolution_embed",))
     ema = EMA(transformer, cfg.ema_decay)
     # a new zero vector must grow to the level embeddings' size (norm ~3) in a few hundred steps
     optimizer = adamw_decaying_matrices(transformer, cfg.lr, cfg.weight_decay,
                                         {"resolution_embed": RESOLUTION_EMBED_LR_MULTIPLIER})
-    config_dict = asdict(cfg)
-    checkpointer = Checkpointer(out)
-    start_step = 0
-    latest = checkpointer.latest() if cfg.resume else None
-    if latest is not None:
-        start_step = Checkpointer.load(latest, transformer, ema, optimizer, cfg)["step"]
-        accelerator.print(f"resumed from {latest} at step {start_step}")
-    loss_module = ARLoss(transformer, tokenizer, cfg)
-    model, optimizer = accelerator.prepare(loss_module, optimizer)
-    log = RunLog(out, accelerator, start_step) if accelerator.is_main_process else None
-    if accelerator.is_main_process:
-        write_json(config_dict, out / "config.json")
-    eval_prompts = [dataset.captions[int(i)]["text"] for i in main_data.items[:8]]
-    resolutions = {r: s for r, s in preset.resolutions.items() if r <= cfg.resolution}
-    resolutions[cfg.resolution] = scales
+    engine.resume(transformer, optimizer, ema)
+    model, optimizer = engine.prepare(ARLoss(transformer, tokenizer, cfg), optimizer)
+    accelerator = engine.accelerator
+    resolutions = trained_resolutions(cfg)
+    eval_prompts = [main_data.dataset.captions[int(i)]["text"] for i in main_data.items[:8]]
 
-    started = last_ckpt = time.time()
-    replay_accs: list[float] = []  # accuracy of the replay steps since the last log line
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
-               disable=not accelerator.is_main_process, desc=f"ar{cfg.resolution}")
-    step = start_step
-    with StopSignal(accelerator) as stop:
-        for step in bar:
-            lr_scale = cosine_lr(step, cfg.steps, cfg.warmup)
-            set_lr(optimizer, cfg.lr * lr_scale)
-            gen = step_generator(cfg.seed, step, rank)
-            # replay steps (step % replay_every == 0) never coincide with a logged step
-            is_replay = replay is not None and step % cfg.replay_every == 0
-            data, order_step = (replay, step // cfg.replay_every) if is_replay else (main_data, step)
-            picked = data.items[batch_indices(len(data.items), cfg.batch_size, order_step, cfg.seed, rank, world)]
-            data.dataset.set_epoch(order_step // data.per_epoch)
-            states, positions = text_cache([data.dataset.caption(int(i)) for i in picked])
-            dropped = torch.rand(len(picked), generator=gen) < cfg.cond_drop  # uniform draw
-            states[dropped] = 0
-            positions[dropped] = 0  # the sampler's unconditional rows use zero positions too
-            targets = data.indices[picked]
-            with torch.no_grad():
-                splits = torch.split(targets, [s * s for s in data.scales], dim=1)
-                inputs = tokenizer.quantize.teacher_forcing_inputs(list(splits), data.scales)
-            keep = (last_scale_keep(len(picked), data.scales[-1] ** 2, cfg.drop_min_keep, gen)
-                    if cfg.drop_last_scale and not is_replay else None)
-            device = accelerator.device
-            model.train()
-            with accelerator.autocast():
-                loss, ce, diff, acc = model(states.to(device), positions.to(device), inputs.to(device),
-                                            targets.to(device), data.rest[picked].to(device), data.scales,
-                                            None if keep is None else keep.to(device), gen)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            grad_norm = clip_gradients(accelerator, model, cfg.grad_clip)
-            optimizer.step()
-            ema.update(unwrap(accelerator, model).transformer, step)
-            if is_replay and log:  # only the process that logs keeps (and clears) them
-                replay_accs.append(acc.item())
-            if log and (step + 1) % cfg.log_every == 0:
-                elapsed = time.time() - started
-                replay_stats = {"replay_acc": round(sum(replay_accs) / len(replay_accs), 4)} if replay_accs else {}
-                replay_accs.clear()
-                log.write(step + 1, loss=round(loss.item(), 5), ce=round(ce.item(), 5), diff=round(diff.item(), 5),
-                          acc=round(acc.item(), 4), grad_norm=round(float(grad_norm), 4),
-                          lr=round(cfg.lr * lr_scale, 7),
-                          steps_per_s=round((step + 1 - start_step) / elapsed, 3),
-                          last_scale_kept=scales[-1] ** 2 if keep is None else keep.shape[1], **replay_stats)
-                bar.set_postfix(ce=f"{ce.item():.3f}", diff=f"{diff.item():.3f}", acc=f"{acc.item():.3f}",
-                                it_s=f"{(step + 1 - start_step) / elapsed:.2f}")
-            done = step + 1 == cfg.steps
-            out_of_time = (cfg.max_minutes and (time.time() - started) / 60 >= cfg.max_minutes) or stop.requested()
-            if accelerator.is_main_process and (done or out_of_time or (step + 1) % cfg.checkpoint_every == 0
-                                                or (time.time() - last_ckpt) / 60 >= cfg.checkpoint_minutes):
-                checkpointer.save(step + 1, unwrap(accelerator, model).transformer, ema, optimizer, config_dict)
-                last_ckpt = time.time()
-            if accelerator.is_main_process and (step + 1) % cfg.eval_every == 0 and not done:
-                ema_model = ema.copy_to(HARTTransformer(tf_cfg)).eval()
-                sample_grid(ema_model, tokenizer, encoder, eval_prompts, cfg.resolution, scales,
-                            out / "samples" / f"step_{step + 1:08d}.png", cfg.cfg_default)
-            accelerator.wait_for_everyone()
-            if out_of_time:
-                break
-    if stop.received is not None:
-        return stop.finish(step + 1)
-    result = {"step": step + 1}
-    if accelerator.is_main_process:
-        raw = unwrap(accelerator, model).transformer
+    def ema_pipeline() -> HARTPipeline:
         ema_model = ema.copy_to(HARTTransformer(tf_cfg)).eval()
-        model_dir = out / "model"
-        sampling = {"cfg": cfg.cfg_default, "top_k": 0, "top_p": 0.0, "diffusion_steps": tf_cfg.num_sampling_steps}
-        write_pipeline(model_dir, tokenizer, ema_model, encoder.config_dict(), resolutions, sampling,
-                       f"hart-{cfg.model_preset}")
-        write_weights(raw.state_dict(), model_dir / "transformer" / "model_raw.safetensors")
-        sample_grid(ema_model, tokenizer, encoder, eval_prompts, cfg.resolution, scales,
-                    out / "samples" / "final.png", cfg.cfg_default)
-        plot_curves(log.records(), ["ce", "diff"], out / "loss.png")
-        result.update(log.records()[-1] if log.records() else {})
-    record_process_checksums(accelerator, unwrap(accelerator, model).transformer, out)
-    accelerator.end_training()
+        return HARTPipeline(tokenizer, ema_model, encoder, resolutions, preset.sampling, f"hart-{cfg.model_preset}")
+
+    replay_accs: list[float] = []  # accuracy of the replay steps since the last log line
+
+    def train_step(step: int, gen: torch.Generator) -> dict:
+        # replay steps (step % replay_every == 0) never coincide with a logged step
+        is_replay = replay is not None and step % cfg.replay_every == 0
+        data, order_step = (replay, step // cfg.replay_every) if is_replay else (main_data, step)
+        picked = data.items[batch_indices(len(data.items), cfg.batch_size, order_step, cfg.seed, engine.rank,
+                                          engine.world)]
+        data.dataset.set_epoch(order_step // data.per_epoch)
+        states, positions = text_cache([data.dataset.caption(int(i)) for i in picked])
+        dropped = torch.rand(len(picked), generator=gen) < cfg.cond_drop  # uniform draw
+        states[dropped] = 0
+        positions[dropped] = 0  # the sampler's unconditional rows use zero positions too
+        targets = data.indices[picked]
+        with torch.no_grad():
+            splits = torch.split(targets, [s * s for s in data.scales], dim=1)
+            inputs = tokenizer.quantize.teacher_forcing_inputs(list(splits), data.scales)
+        keep = (last_scale_keep(len(picked), data.scales[-1] ** 2, cfg.drop_min_keep, gen)
+                if cfg.drop_last_scale and not is_replay else None)
+        device = accelerator.device
+        model.train()
+        with accelerator.autocast():
+            loss, ce, diff, acc = model(states.to(device), positions.to(device), inputs.to(device),
+                                        targets.to(device), data.rest[picked].to(device), data.scales,
+                                        None if keep is None else keep.to(device), gen)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norm = clip_gradients(accelerator, model, cfg.grad_clip)
+        optimizer.step()
+        ema.update(unwrap(accelerator, model).transformer, step)
+        if is_replay and engine.log:  # only the process that logs keeps (and clears) them
+            replay_accs.append(acc.item())
+        metrics = {"loss": loss, "ce": ce, "diff": diff, "acc": acc, "grad_norm": grad_norm,
+                   "last_scale_kept": data.scales[-1] ** 2 if keep is None else keep.shape[1]}
+        if engine.is_log_step(step) and replay_accs:
+            metrics["replay_acc"] = round(sum(replay_accs) / len(replay_accs), 4)
+            replay_accs.clear()
+        return metrics
+
+    def draw_samples(step: int) -> None:
+        sample_grid(ema_pipeline(), eval_prompts, cfg.resolution, engine.out / "samples" / f"step_{step:08d}.png")
+
+    outcome = engine.run(train_step, optimizer, lambda: unwrap(accelerator, model).transformer, ema=ema,
+                         evaluate=draw_samples)
+    if "stopped_by_signal" in outcome:
+        return outcome
+    result = dict(outcome)
+    if engine.is_main:
+        pipe = ema_pipeline()
+        model_dir = engine.out / "model"
+        write_pipeline(model_dir, tokenizer, pipe.transformer, encoder.config_dict(), resolutions,
+                       preset.sampling, pipe.name)
+        write_weights(unwrap(accelerator, model).transformer.state_dict(),
+                      model_dir / "transformer" / "model_raw.safetensors")
+        sample_grid(pipe, eval_prompts, cfg.resolution, engine.out / "samples" / "final.png")
+        records = engine.log.records()
+        result.update(records[-1] if records else {})
+    engine.finish(unwrap(accelerator, model).transformer, ["ce", "diff"])
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(ARTrainConfig, PRESETS, argv, __doc__.splitlines()[0])
-    print(json.dumps(train(cfg)))
-    return 0
+    return command_line(ARTrainConfig, PRESETS, train, argv, __doc__)
 
 
 if __name__ == "__main__":
