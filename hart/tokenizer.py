@@ -243,16 +243,22 @@ class MultiScaleQuantizer(nn.Module):
         up = F.interpolate(codes, size=(P, P), mode="bicubic")
         return self.quant_resi.for_scale(scale_index, len(scale_sizes))(up)
 
+    def scale_indices(self, rest: torch.Tensor, side: int, last: bool) -> torch.Tensor:
+        """Indices [B, side^2] of the codes nearest to what is left of the latent, rest [B, C, P, P],
+        area-downsampled to side x side (the last scale takes it as it is)."""
+        B, C = rest.shape[:2]
+        z = rest if last else F.interpolate(rest, size=(side, side), mode="area")
+        return self.nearest_codes(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, side * side)
+
     def encode(self, f: torch.Tensor, scale_sizes) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Latent f [B, C, P, P] -> (per-scale indices, remainder before the last scale [B, P*P, C])."""
-        B, C, P, _ = f.shape
+        P = f.shape[-1]
         assert scale_sizes[-1] == P, f"last scale {scale_sizes[-1]} must equal the latent side {P}"
         rest = f
         indices = []
         for si, pn in enumerate(scale_sizes):
             last = si == len(scale_sizes) - 1
-            z = rest if last else F.interpolate(rest, size=(pn, pn), mode="area")
-            idx = self.nearest_codes(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn * pn)
+            idx = self.scale_indices(rest, pn, last)
             indices.append(idx)
             if not last:
                 rest = rest - self.upsampled_scale(self.embed_scale(idx, pn), si, scale_sizes)
@@ -290,15 +296,13 @@ class MultiScaleQuantizer(nn.Module):
         the leftover residual, so the decoder sees f itself; the discrete path sees the
         quantized latent exactly as the sampler assembles it (last scale without phi).
         """
-        B, C, P, _ = f.shape
         rest = f.detach()
         fhat = torch.zeros_like(rest)
         vq_loss = f.new_zeros(())
         indices = []
         for si, pn in enumerate(scale_sizes):
             last = si == len(scale_sizes) - 1
-            z = rest if last else F.interpolate(rest, size=(pn, pn), mode="area")
-            idx = self.nearest_codes(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn * pn)
+            idx = self.scale_indices(rest, pn, last)
             indices.append(idx)
             codes = self.embed_scale(idx, pn)
             h = codes if last else self.upsampled_scale(codes, si, scale_sizes)

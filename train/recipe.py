@@ -177,7 +177,7 @@ def run(recipe: str, out: str | Path, smoke: bool = False) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", help=f"a folder of {CONFIGS}")
+    parser.add_argument("recipe", help="a recipe: the name of a folder under train/configs/ (e.g. hart-emoji)")
     parser.add_argument("--out", required=True, help="where every stage writes; the model ends in OUT/model")
     parser.add_argument("--smoke", action="store_true", help="the same stages with tiny step counts and data")
     args = parser.parse_args(argv)
