@@ -167,8 +167,10 @@ def top_k_control(top_k: int | tuple[int, ...]) -> int:
 def info_text(model: str, seed: int, resolution: int, opts: dict, timings: dict, count: int) -> str:
     t = {k: f"{timings.get(k, 0.0):.2f} s" for k in ("text", "ar", "diffusion", "decode", "total")}
     residual = f"on, {opts['diffusion_steps']} steps" if opts["use_residual"] else "off"
-    return (f"**Seed: {seed}** · {resolution}px · {count} image(s) · model: {model}\n"
-            f"cfg {opts['cfg']:g} · residual {residual} · top-k {'per-scale schedule' if opts['top_k'] is None else opts['top_k']} · top-p {opts['top_p']:g} · "
+    top_k = "per-scale schedule" if opts["top_k"] is None else opts["top_k"]
+    images = f"{count} images, seeds {seed}–{seed + count - 1}" if count > 1 else "1 image"
+    return (f"**Seed: {seed}** · {resolution}px · {images} · model: {model}\n"
+            f"cfg {opts['cfg']:g} · residual {residual} · top-k {top_k} · top-p {opts['top_p']:g} · "
             f"temperature {opts['temperature']:g} · more smooth {'on' if opts['more_smooth'] else 'off'}\n"
             f"Timings: text {t['text']} · AR {t['ar']} · residual diffusion {t['diffusion']} · "
             f"decode {t['decode']} · **total {t['total']}**")
