@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from bench.harness import run_case
-from bench.measure import column, interleave, native_bf16, paired_ratio, stats
+from bench.measure import column, interleave, paired_ratio, stats
 
 
 def case_training(p: dict) -> dict:
@@ -18,6 +18,7 @@ def case_training(p: dict) -> dict:
     from hart.tokenizer import HybridTokenizer
     from hart.transformer import HARTTransformer
     from train.train_ar import ARLoss, ARTrainConfig, last_scale_keep
+    from train.engine import bf16_supported
 
     preset = get_preset(p["preset"])
     res = p["resolution"]
@@ -31,7 +32,7 @@ def case_training(p: dict) -> dict:
     loss_module = ARLoss(transformer, tokenizer, cfg).train()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay)
-    autocast_bf16 = bool(native_bf16())  # what training's mixed_precision "auto" picks on a CPU
+    autocast_bf16 = bf16_supported()  # the rule training's mixed_precision "auto" uses
 
     B, Lc, Dt = p["batch"], preset.text_encoder.max_length, tf_cfg.context_dim
     total_tokens = sum(s * s for s in scales)
