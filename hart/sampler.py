@@ -1,5 +1,7 @@
 """Next-scale sampling. Text states -> for each scale: transformer step (KV cache), guidance,
-draw, f̂ update -> residual tokens from the diffusion head at the last scale.
+draw, f̂ update -> residual tokens from the diffusion head at the last scale. A model may leave
+the last scale of a schedule to the head alone (`continuous_last_sides`): no tokens are drawn
+there, and the head adds everything the coarser scales leave of the latent.
 
 Every random draw uses the caller's generator, in a fixed order: each scale's tokens (and its
 Gumbel noise in "more smooth" mode), then the residual head's noise. `generator` is one
@@ -217,7 +219,7 @@ class ScaleSteps:
 
 @dataclass
 class SampleOutput:
-    indices: list[torch.Tensor]      # per scale [B, pn^2]
+    indices: list[torch.Tensor]      # per scale [B, pn^2] (none for a continuous last scale)
     fhat_discrete: torch.Tensor      # [B, Cvae, P, P]
     logits: list[torch.Tensor]       # guided logits per scale (kept on request, for parity checks)
     head_condition: torch.Tensor     # [B, P^2, C]: the residual head's condition (official)
@@ -245,6 +247,7 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
     ramp = guidance_ramp(opts.cfg, S)
     steps = ScaleSteps(transformer, context, position_ids, sizes, guided=opts.cfg != 0)
 
+    continuous_last = transformer.continuous_last(sizes)
     fhat = torch.zeros(B, codebook.shape[1], P, P, device=context.device, dtype=codebook.dtype)
     indices, kept_logits = [], []
     for si, pn in enumerate(sizes):
@@ -253,6 +256,8 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
         else:
             inputs = F.interpolate(fhat, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
             hidden = steps.image(si, inputs)
+        if continuous_last and si == S - 1:
+            break  # no tokens at this scale: its hidden states only condition the residual head
         logits = guide(transformer.logits(hidden, steps.pooled), ramp[si], B)
         if keep_logits:
             kept_logits.append(logits)
@@ -266,8 +271,10 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
         yield si, fhat
 
     # the head's condition takes the hard code even in "more smooth" mode, as the official sampler
-    word = codebook[idx].to(steps.dtype)
-    conditions = transformer.diffusion_condition(hidden, torch.cat([word, word]) if steps.guided else word)
+    word = None if continuous_last else codebook[idx].to(steps.dtype)
+    if word is not None and steps.guided:
+        word = torch.cat([word, word])
+    conditions = transformer.diffusion_condition(hidden, word)
     yield SampleOutput(indices, fhat, kept_logits, conditions[:B],
                        conditions[B:] if steps.guided else None, ramp[-1])
 

@@ -264,15 +264,15 @@ class MultiScaleQuantizer(nn.Module):
                 rest = rest - self.upsampled_scale(self.embed_scale(idx, pn), si, scale_sizes)
         return indices, rest.flatten(2).transpose(1, 2)
 
-    def indices_to_fhat(self, indices: list[torch.Tensor], scale_sizes) -> torch.Tensor:
+    def indices_to_fhat(self, indices: list[torch.Tensor], scale_sizes, continuous_last: bool = False) -> torch.Tensor:
         """Discrete latent: sum of phi(upsampled codes) over scales, last scale added plainly
-        (no phi, no resize), as the sampler builds it."""
+        (no phi, no resize), as the sampler builds it; `continuous_last` leaves the last scale out."""
         fhat = 0
         for si, (idx, pn) in enumerate(zip(indices, scale_sizes)):
             codes = self.embed_scale(idx, pn)
             if si < len(scale_sizes) - 1:
                 fhat = fhat + self.upsampled_scale(codes, si, scale_sizes)
-            else:
+            elif not continuous_last:
                 fhat = fhat + codes
         return fhat
 
@@ -344,17 +344,20 @@ class HybridTokenizer(nn.Module):
         """Images [B, 3, H, W] in [-1, 1] -> continuous latent f [B, Cvae, H/d, W/d]."""
         return self.quant_conv(self.encoder(images))
 
-    def encode(self, images: torch.Tensor, scale_sizes) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(self, images: torch.Tensor, scale_sizes,
+               continuous_last: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Images -> (per-scale indices, continuous residual [B, P*P, Cvae]).
 
-        The residual is what the last scale's codes leave of the remainder: f equals
-        indices_to_fhat(indices) + residual (in token layout)."""
+        The residual is what the last scale's codes leave of the remainder (with `continuous_last`,
+        the whole remainder before the last scale): f equals
+        indices_to_fhat(indices, scale_sizes, continuous_last) + residual (in token layout)."""
         indices, rest_before_last = self.quantize.encode(self.encode_latent(images), scale_sizes)
-        residual = rest_before_last - self.quantize.embedding(indices[-1])
-        return indices, residual
+        if continuous_last:
+            return indices, rest_before_last
+        return indices, rest_before_last - self.quantize.embedding(indices[-1])
 
-    def indices_to_fhat(self, indices, scale_sizes) -> torch.Tensor:
-        return self.quantize.indices_to_fhat(indices, scale_sizes)
+    def indices_to_fhat(self, indices, scale_sizes, continuous_last: bool = False) -> torch.Tensor:
+        return self.quantize.indices_to_fhat(indices, scale_sizes, continuous_last)
 
     def decode(self, fhat: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Latent (plus optional residual tokens [B, P*P, C]) -> image in [-1, 1]."""

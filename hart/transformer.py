@@ -39,10 +39,15 @@ class TransformerConfig:
     num_sampling_steps: int = 8
     residual_scale: float = RESIDUAL_SCALE  # residual / scale is what the head models: aim for std ~0.2
     resolution_sides: tuple[int, ...] = ()  # finest-grid sides with a learned text-slot vector (text_level)
+    # finest-grid sides whose last scale the residual head produces alone: no token is drawn there,
+    # the head sees that scale's hidden states with a zero code, and models all the coarser scales
+    # leave of the latent (for a last scale too fine for the transformer to predict token by token)
+    continuous_last_sides: tuple[int, ...] = ()
 
     def __post_init__(self):
         self.patch_nums = tuple(self.patch_nums)
         self.resolution_sides = tuple(self.resolution_sides)
+        self.continuous_last_sides = tuple(self.continuous_last_sides)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if (self.embed_dim // self.num_heads) % 4:
@@ -250,9 +255,16 @@ class HARTTransformer(nn.Module):
     def logits(self, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(hidden.float(), pooled.float())).float()
 
-    def diffusion_condition(self, hidden_last: torch.Tensor, codes_last: torch.Tensor) -> torch.Tensor:
-        """z = decoder_norm(h + word_embed(code)) for each last-scale token."""
+    def diffusion_condition(self, hidden_last: torch.Tensor, codes_last: torch.Tensor | None) -> torch.Tensor:
+        """z = decoder_norm(h + word_embed(code)) for each last-scale token; codes None = zero codes
+        (a last scale in `continuous_last_sides`, where no token is drawn)."""
+        if codes_last is None:
+            codes_last = hidden_last.new_zeros(*hidden_last.shape[:-1], self.config.token_dim)
         return self.decoder_norm(hidden_last + self.word_embed(codes_last))
+
+    def continuous_last(self, scale_sizes) -> bool:
+        """Whether the residual head alone produces the last scale of this schedule."""
+        return scale_sizes[-1] in self.config.continuous_last_sides
 
     def _rope(self, angles: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]

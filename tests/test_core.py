@@ -45,6 +45,20 @@ def test_tokenizer_shapes_and_hybrid_reconstructs_latent(pipe):
     assert (discrete - hybrid).abs().max() > 1e-3
 
 
+def test_a_continuous_last_scale_leaves_the_whole_remainder_to_the_residual(pipe):
+    tok, sizes = pipe.tokenizer, pipe.schedules[64]
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        f = tok.encode_latent(images)
+        indices, residual = tok.encode(images, sizes)
+        same, remainder = tok.encode(images, sizes, continuous_last=True)
+        coarse = tok.indices_to_fhat(indices, sizes, continuous_last=True)
+    assert all(torch.equal(a, b) for a, b in zip(indices, same))
+    torch.testing.assert_close(coarse + remainder.transpose(1, 2).reshape_as(coarse), f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(remainder, residual + tok.codebook[indices[-1]], atol=1e-6, rtol=1e-6)
+    assert remainder.square().mean() > residual.square().mean()
+
+
 def test_tokenizer_training_forward_alternates_paths(pipe):
     tok = pipe.tokenizer.train()
     images = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -131,6 +145,34 @@ def test_kv_cache_sampling_matches_teacher_forcing(pipe, cfg):
     cached = torch.cat(out.logits, dim=1)
     assert cached.shape == cond.shape
     torch.testing.assert_close(cached, cond, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("cfg", [0.0, 2.5])
+def test_a_continuous_last_scale_draws_no_tokens_there(pipe, cfg):
+    """A model that leaves its last scale to the head: the coarser scales draw what the plain model
+    draws from the same seed, no last-scale token is drawn, the discrete latent is the coarser
+    scales' sum, and the head's condition is the teacher-forced last hidden state with a zero code."""
+    import dataclasses
+    from hart.transformer import HARTTransformer
+    base, tok, sizes = pipe.transformer, pipe.tokenizer, pipe.schedules[64]
+    tf = HARTTransformer(dataclasses.replace(base.config, continuous_last_sides=(sizes[-1],))).eval()
+    tf.load_state_dict(base.state_dict())
+    assert tf.continuous_last(sizes) and not tf.continuous_last(pipe.schedules[32])
+    states, _, positions = pipe.text_encoder(PROMPTS)
+    opts = SamplingOptions(cfg=cfg, top_k=8, diffusion_steps=2)
+    plain = sample(base, tok, states, positions, sizes, opts, torch.Generator().manual_seed(0))
+    out = sample(tf, tok, states, positions, sizes, opts, torch.Generator().manual_seed(0))
+    assert len(out.indices) == len(sizes) - 1
+    assert all(torch.equal(a, b) for a, b in zip(out.indices, plain.indices))
+    with torch.no_grad():
+        torch.testing.assert_close(out.fhat_discrete, tok.indices_to_fhat(plain.indices, sizes, continuous_last=True))
+        inputs = tok.quantize.teacher_forcing_inputs(plain.indices, sizes)
+        _, hidden_last, _ = tf(states, positions, inputs, sizes)
+        zero_code = tf.decoder_norm(hidden_last + tf.word_embed.bias)
+    torch.testing.assert_close(out.head_condition, zero_code, atol=2e-4, rtol=2e-4)
+    assert out.residual.shape == plain.residual.shape
+    # the plain model's condition carries its drawn code: a different vector
+    assert (plain.head_condition - zero_code).abs().max() > 1e-3
 
 
 def test_resolution_vectors_tell_resolutions_apart_and_keep_cache_parity(pipe):

@@ -323,6 +323,14 @@ def test_head_training_changes_only_the_head_and_resumes(shapes_data, tiny_token
                        low_timestep_share=0.9, low_timestep_max=300, steps=20))
     lines = [json.loads(line) for line in (tmp_path / "unrolled" / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 20] and math.isfinite(lines[-1]["loss"])
+    # the head takes over the last scale: its targets are all the coarser scales leave, cached apart
+    train_head(replace(cfg, out=str(tmp_path / "continuous"), cache=str(tmp_path / "head" / "cache"),
+                       continuous_last_sides=(4,), steps=2))
+    assert len(list((tmp_path / "head" / "cache").glob("head_32_*.safetensors"))) == 2
+    continuous = HARTPipeline.from_pretrained(tmp_path / "continuous" / "model")
+    assert continuous.transformer.config.continuous_last_sides == (4,)
+    out = continuous("red square", resolution=32, seed=0, use_residual=False)
+    assert out.images[0].size == (32, 32)
     with pytest.raises(ValueError, match="--model"):
         train_head(HeadTrainConfig())
     with pytest.raises(ValueError, match="--unrolled-weight"):
@@ -504,7 +512,7 @@ def test_the_bundled_model_records_its_recipe():
     assert record == recipe_record(RECIPE)
     assert [stage["name"] for stage in record["stages"]] == [
         "dataset", "tokenizer", "tokenizer-continuous", "tokenizer-mixed", "ar64", "ar128", "ar128-first-token",
-        "head", "head-finetune", "package", "evaluate"]
+        "head", "head-finetune", "head-continuous-last", "package", "evaluate"]
 
 
 @pytest.mark.skipif(not EMOJI_FONT.exists(), reason=f"emoji font not installed: {EMOJI_FONT}")

@@ -66,11 +66,13 @@ def load_tokenizer(path: str) -> HybridTokenizer:
 def teacher_forced_condition(transformer: HARTTransformer, tokenizer: HybridTokenizer, states: torch.Tensor,
                              positions: torch.Tensor, indices: list[torch.Tensor], scales) -> torch.Tensor:
     """The residual head's condition [B, P^2, C] for an image's true tokens `indices`: the
-    teacher-forced transformer's last hidden state plus the embedding of the true last-scale codes."""
+    teacher-forced transformer's last hidden state plus the embedding of the true last-scale codes
+    (zero codes where the model leaves the last scale to the head)."""
     dtype = transformer.word_embed.weight.dtype
     inputs = tokenizer.quantize.teacher_forcing_inputs(indices, scales).to(dtype)
     _, hidden_last, _ = transformer(states.to(dtype), positions, inputs, scales)
-    return transformer.diffusion_condition(hidden_last, tokenizer.codebook[indices[-1]].to(dtype))
+    codes = None if transformer.continuous_last(scales) else tokenizer.codebook[indices[-1]].to(dtype)
+    return transformer.diffusion_condition(hidden_last, codes)
 
 
 def images_to_tensor(images) -> torch.Tensor:

@@ -56,28 +56,31 @@ def prompt_sets(captions: list[dict], count: int, seed: int) -> dict[str, list[t
 
 @torch.no_grad()
 def generate_and_retrieve(pipe, prompts, resolution, database, references, batch: int = 50, **kwargs) -> dict:
-    """Generate one image per prompt; report retrieval for hybrid and discrete-only outputs."""
-    stats = {"hybrid": {"rank": [], "dist": []}, "discrete": {"rank": [], "dist": []}}
+    """Generate one image per prompt; report retrieval and PSNR to the reference for hybrid and
+    discrete-only outputs, and the residual's gain over the prompts whose hybrid image retrieves."""
+    stats = {"hybrid": {"rank": [], "dist": [], "psnr": []}, "discrete": {"rank": [], "dist": [], "psnr": []}}
     gains = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         result = pipe([p for p, _ in chunk], resolution=resolution, seed=start, **kwargs)
         targets = torch.tensor([t for _, t in chunk])
         outputs = {"hybrid": images_to_tensor(result.images), "discrete": images_to_tensor(result.discrete_images)}
+        ref = references[targets]
         for name, images in outputs.items():
             rank, nearest = retrieve(images, database, targets)
             stats[name]["rank"] += rank.tolist()
             stats[name]["dist"] += nearest.tolist()
+            stats[name]["psnr"] += psnr(images, ref).tolist()
         hits = torch.tensor(stats["hybrid"]["rank"][-len(chunk):]) == 0
-        ref = references[targets]
-        delta = psnr(outputs["hybrid"], ref) - psnr(outputs["discrete"], ref)
-        gains += delta[hits].tolist()
+        last = {name: torch.tensor(s["psnr"][-len(chunk):]) for name, s in stats.items()}
+        gains += (last["hybrid"] - last["discrete"])[hits].tolist()
     report = {}
     for name, s in stats.items():
         ranks = torch.tensor(s["rank"])
         report[name] = {"top1": round((ranks == 0).float().mean().item(), 4),
                         "top5": round((ranks < 5).float().mean().item(), 4),
-                        "mean_nn_distance": round(statistics.fmean(s["dist"]), 4)}
+                        "mean_nn_distance": round(statistics.fmean(s["dist"]), 4),
+                        "psnr_to_reference_db": round(statistics.fmean(s["psnr"]), 3)}
     report["residual_gain_db"] = round(statistics.fmean(gains), 3) if gains else None
     report["correct_for_gain"] = len(gains)
     return report
@@ -110,8 +113,9 @@ def residual_head_check(pipe, references: torch.Tensor, captions: list[str], sca
     tf, tok = pipe.transformer, pipe.tokenizer
     picked = torch.randperm(len(references), generator=torch.Generator().manual_seed(seed))[:count]
     images = references[picked].to(tok.codebook.dtype)
-    indices, residual = tok.encode(images, scales)
-    fhat = tok.indices_to_fhat(indices, scales)
+    continuous_last = tf.continuous_last(scales)
+    indices, residual = tok.encode(images, scales, continuous_last)
+    fhat = tok.indices_to_fhat(indices, scales, continuous_last)
     states, _, positions = pipe.text_encoder([captions[int(i)] for i in picked])
     z = teacher_forced_condition(tf, tok, states, positions, indices, scales)
     predicted = tf.diffloss.sample(z.flatten(0, 1), steps=pipe.sampling_defaults.diffusion_steps,

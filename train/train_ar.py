@@ -176,11 +176,14 @@ class ARLoss(nn.Module):
         objective = ce if w == 1 else ((w * per_token[:, 0] + per_token[:, 1:].sum(1)).mean()
                                        / (w + per_token.shape[1] - 1))
         n_last = hidden_last.shape[1]
-        with torch.no_grad():  # condition on the model's own sampled tokens, as at inference
-            probs = logits[:, -n_last:].detach().float().softmax(-1)
-            sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:2])
-        codes = self.codebook[sampled]
-        target = (rest_kept - codes).flatten(0, 1)
+        if tf.continuous_last(scales):  # no token is drawn there: the head models the whole remainder
+            codes, target = None, rest_kept.flatten(0, 1)
+        else:
+            with torch.no_grad():  # condition on the model's own sampled tokens, as at inference
+                probs = logits[:, -n_last:].detach().float().softmax(-1)
+                sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:2])
+            codes = self.codebook[sampled]
+            target = (rest_kept - codes).flatten(0, 1)
         z = tf.diffusion_condition(hidden_last, codes).flatten(0, 1)
         mul = self.cfg.diffusion_batch_mul
         diff = tf.diffloss.loss(target.repeat(mul, 1), z.repeat(mul, 1), generator=generator)

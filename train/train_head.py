@@ -53,6 +53,9 @@ class HeadTrainConfig(RunConfig):
     diff_depth: int = 0                # 0: the model's; more: append identity-initialised blocks
     diff_width: int = 0                # 0: the model's; another width starts a new head from scratch
     residual_scale: float = 0.0        # 0: the model's; else the head models residual / this
+    # finest-grid sides whose last scale the head takes over (no tokens drawn there; it models all
+    # the coarser scales leave); None: the model's setting
+    continuous_last_sides: tuple | None = None
     low_timestep_share: float = 0.0    # share of tokens trained at t < low_timestep_max (0: official uniform t)
     low_timestep_max: int = 300
     unrolled_weight: float = 0.0       # > 0: add this times the unrolled temperature-0 sample's MSE
@@ -113,6 +116,8 @@ def head_config(cfg: HeadTrainConfig, model: TransformerConfig) -> TransformerCo
     result.diff_depth = cfg.diff_depth or model.diff_depth
     result.diff_width = cfg.diff_width or model.diff_width
     result.residual_scale = cfg.residual_scale or model.residual_scale
+    if cfg.continuous_last_sides is not None:
+        result.continuous_last_sides = tuple(cfg.continuous_last_sides)
     return result
 
 
@@ -138,7 +143,9 @@ def wording_texts(dataset, ids, w: int) -> list[str]:
 @torch.no_grad()
 def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: int, folder: Path,
                     batch: int = 32) -> dict[str, torch.Tensor]:
-    """Conditions [W + 1, N, P^2, C] fp16 and residuals [N, P^2, D] for every image at `resolution`:
+    """Conditions [W + 1, N, P^2, C] fp16 and residuals [N, P^2, D] for every image at `resolution`
+    (the residual is everything the coarser scales leave where the model leaves the last scale to
+    the head):
     W wordings, then the empty prompt (zero text states and positions, as the sampler's
     unconditional rows). Cached in `folder` under a hash of the frozen transformer and tokenizer
     (not the head: training it does not change its inputs), the data and W."""
@@ -146,7 +153,9 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
     scales = pipe.schedules[resolution]
     dataset = load_dataset(data, resolution, "all", caption_variation=True)
     n = len(dataset.captions)
-    digest = hashlib.sha256(json.dumps([resolution, list(scales), wordings, dataset.source, n]).encode())
+    continuous_last = tf.continuous_last(scales)
+    key = [resolution, list(scales), wordings, dataset.source, n] + (["continuous_last"] if continuous_last else [])
+    digest = hashlib.sha256(json.dumps(key).encode())
     for module in (tf, tok):
         hash_weights(digest, module, skip_prefix="diffloss.")
     path = Path(folder) / f"head_{resolution}_{digest.hexdigest()[:16]}.safetensors"
@@ -154,7 +163,7 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
         conditions, residuals = [], []
         for start in tqdm(range(0, n, batch), desc=f"head conditions {resolution}px"):
             ids = range(start, min(n, start + batch))
-            indices, residual = tok.encode(torch.stack([dataset.image(i) for i in ids]), scales)
+            indices, residual = tok.encode(torch.stack([dataset.image(i) for i in ids]), scales, continuous_last)
             per_wording = []
             for w in range(wordings + 1):
                 if w < wordings:
@@ -205,6 +214,8 @@ def train(cfg: HeadTrainConfig) -> dict:
     if not 0 <= cfg.cond_drop < 1:
         raise ValueError(f"--cond-drop must be in [0, 1), got {cfg.cond_drop}")
     pipe = HARTPipeline.from_pretrained(cfg.model)
+    if cfg.continuous_last_sides is not None:  # before the conditions and targets are built
+        pipe.transformer.config.continuous_last_sides = tuple(cfg.continuous_last_sides)
     pipe.transformer.float().requires_grad_(False)
     pipe.tokenizer.float()
     engine = Engine(cfg, "head")
