@@ -485,16 +485,18 @@ def test_low_timesteps_draw_the_asked_share_below_the_limit():
 
 
 RECIPE = "hart-emoji"
+CANDIDATE = "hart-emoji-v2"   # the retrain that replaces the shipped model once it measures at least as well
 BUNDLED = ROOT / "assets" / "hart-emoji"
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 
 
-def test_the_recipe_resolves_to_the_shipped_architecture():
-    """train/configs/hart-emoji, applied stage by stage with each trainer's config rules, gives the
+@pytest.mark.parametrize("recipe", [RECIPE, CANDIDATE])
+def test_the_recipe_resolves_to_the_shipped_architecture(recipe):
+    """train/configs/<recipe>, applied stage by stage with each trainer's config rules, gives the
     bundled model's tokenizer and transformer configs and resolutions; the preset is that architecture."""
     from dataclasses import asdict
     from train.recipe import load_recipe, resolve_architecture
-    resolved = json.loads(json.dumps(resolve_architecture(load_recipe(RECIPE))))
+    resolved = json.loads(json.dumps(resolve_architecture(load_recipe(recipe))))
     assert resolved["tokenizer"] == read_json(BUNDLED / "tokenizer" / "config.json")
     assert resolved["transformer"] == read_json(BUNDLED / "transformer" / "config.json")
     assert resolved["resolutions"] == read_json(BUNDLED / "model_index.json")["resolutions"]
@@ -502,7 +504,7 @@ def test_the_recipe_resolves_to_the_shipped_architecture():
     assert json.loads(json.dumps(asdict(preset.tokenizer))) == resolved["tokenizer"]
     assert json.loads(json.dumps(asdict(preset.transformer))) == resolved["transformer"]
     # --smoke changes step counts and data, never the architecture
-    smoke = json.loads(json.dumps(resolve_architecture(load_recipe(RECIPE, smoke=True))))
+    smoke = json.loads(json.dumps(resolve_architecture(load_recipe(recipe, smoke=True))))
     assert smoke == resolved
 
 
@@ -516,13 +518,14 @@ def test_the_bundled_model_records_its_recipe():
 
 
 @pytest.mark.skipif(not EMOJI_FONT.exists(), reason=f"emoji font not installed: {EMOJI_FONT}")
-def test_smoke_recipe_packages_a_model_that_generates(tmp_path):
-    """`python -m train.recipe hart-emoji --smoke` runs every stage (8 emoji, 2 steps each) into one
+@pytest.mark.parametrize("recipe", [RECIPE, CANDIDATE])
+def test_smoke_recipe_packages_a_model_that_generates(tmp_path, recipe):
+    """`python -m train.recipe <recipe> --smoke` runs every stage (8 emoji, 2 steps each) into one
     folder; the packaged model has the shipped architecture, its recipe and eval.json, and generates.
     Rerunning the command skips every finished stage."""
     out = tmp_path / "recipe"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "train.recipe", RECIPE, "--out", str(out), "--smoke"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "train.recipe", recipe, "--out", str(out), "--smoke"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = out / "model"
@@ -532,7 +535,7 @@ def test_smoke_recipe_packages_a_model_that_generates(tmp_path):
     assert index["resolutions"] == read_json(BUNDLED / "model_index.json")["resolutions"]
     assert index["name"] == "hart-emoji"
     record = read_json(model / "recipe.json")
-    assert record["recipe"] == RECIPE and record["smoke"] is True
+    assert record["recipe"] == recipe and record["smoke"] is True
     report = read_json(model / "eval.json")
     assert set(report["resolutions"]) == {"64", "128"}
     assert index["sampling"] == {**index["sampling"], **report["sweep"]["best"]}  # the sweep's choice is stored
@@ -540,4 +543,4 @@ def test_smoke_recipe_packages_a_model_that_generates(tmp_path):
     image = pipe("red apple", resolution=128, seed=0).images[0]
     assert image.size == (128, 128)
     from train.recipe import run
-    assert set(run(RECIPE, out, smoke=True).values()) == {0.0}  # every stage finished: nothing reruns
+    assert set(run(recipe, out, smoke=True).values()) == {0.0}  # every stage finished: nothing reruns
