@@ -408,6 +408,31 @@ def test_evaluate_a_bare_tokenizer_at_every_resolution(shapes_data, tiny_tokeniz
     assert report["32"]["psnr_discrete"] == pytest.approx(trained["psnr_discrete"], abs=1e-3)
 
 
+def test_compare_reports_flags_each_worse_row(tmp_path):
+    """The ship gate: a retrained model's report against the shipped one, row by row; lower latency and
+    nearest-neighbour distance are better, sweep rows and counts are not compared."""
+    from train.evaluate import compare_reports, main
+    old = {"model": "a", "sweep": {"rows": [1]}, "resolutions": {"64": {
+        "latency_s": 0.10, "generation": {"exact": {"hybrid": {"top1": 0.9, "mean_nn_distance": 6.0},
+                                                   "residual_gain_db": 1.2, "correct_for_gain": 270}}}}}
+    new = json.loads(json.dumps(old))
+    entry = new["resolutions"]["64"]
+    entry["latency_s"], entry["generation"]["exact"]["hybrid"]["mean_nn_distance"] = 0.09, 5.0
+    entry["generation"]["exact"]["correct_for_gain"] = 1
+    rows = compare_reports(new, old)
+    assert [r["row"] for r in rows] == ["resolutions.64.latency_s", "resolutions.64.generation.exact.hybrid.top1",
+                                        "resolutions.64.generation.exact.hybrid.mean_nn_distance",
+                                        "resolutions.64.generation.exact.residual_gain_db"]
+    assert all(r["at_least_as_good"] for r in rows)
+    entry["generation"]["exact"]["residual_gain_db"], entry["latency_s"] = 1.1, 0.2
+    worse = [r["row"] for r in compare_reports(new, old) if not r["at_least_as_good"]]
+    assert worse == ["resolutions.64.latency_s", "resolutions.64.generation.exact.residual_gain_db"]
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["--compare", str(tmp_path / "new.json"), str(tmp_path / "old.json")]) == 1
+    assert main(["--compare", str(tmp_path / "old.json"), str(tmp_path / "old.json")]) == 0
+
+
 def test_sample_grid_has_a_discrete_and_a_hybrid_column_per_resolution():
     from hart.pipeline import HARTPipeline
     from train.samples import sample_grid

@@ -4,6 +4,7 @@ residual head adds, latency, and a cfg / top-k sweep that can choose the model's
 
     python -m train.evaluate --model assets/hart-emoji --data data/emoji --out eval.json [--choose-defaults]
     python -m train.evaluate --tokenizer work/tok64/tokenizer --out tok-eval.json   # tokenizer only, 64 + 128 px
+    python -m train.evaluate --compare new/eval.json assets/hart-emoji/eval.json    # exits 1 if a row is worse
 
 Retrieval: every generated image is compared (pixel L2 at 32x32) with every dataset image; top-1
 is a hit when the nearest one is the prompt's own emoji.
@@ -245,11 +246,34 @@ def evaluate_tokenizer_folder(folder: str, data: str, preset: str = "emoji", see
     return report
 
 
+LOWER_IS_BETTER = ("latency", "distance")
+NOT_QUALITY = ("model", "sweep", "sampling_defaults", "images", "correct_for_gain", "step")
+
+
+def compare_reports(new: dict, old: dict, prefix: str = "") -> list[dict]:
+    """Every quality number two `evaluate` reports share, as {row, new, old, at_least_as_good}: the
+    check a retrained model passes before it replaces the shipped one. Latency and distances count as
+    better when lower; sweep rows, settings and counts are not quality and are left out."""
+    rows = []
+    for key in old:
+        if key in NOT_QUALITY or key not in new:
+            continue
+        row, a, b = f"{prefix}{key}", new[key], old[key]
+        if isinstance(b, dict) and isinstance(a, dict):
+            rows += compare_reports(a, b, row + ".")
+        elif isinstance(b, (int, float)) and isinstance(a, (int, float)) and not isinstance(b, bool):
+            lower = any(word in row for word in LOWER_IS_BETTER)
+            rows.append({"row": row, "new": a, "old": b, "at_least_as_good": a <= b if lower else a >= b})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="a pipeline folder: the full report")
     which.add_argument("--tokenizer", help="a tokenizer folder: held-out reconstruction only")
+    which.add_argument("--compare", nargs=2, metavar=("NEW", "OLD"),
+                       help="two eval.json reports: every shared quality row, and whether NEW is at least as good")
     parser.add_argument("--preset", default="emoji", help="with --tokenizer: whose scale schedules to use")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="held-out split (as in training)")
     parser.add_argument("--data", default="data/emoji")
@@ -268,6 +292,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the sweep's best cfg / top-k / temperature / residual temperature / residual cfg "
                              "into the model's model_index.json first")
     args = parser.parse_args(argv)
+    if args.compare:
+        new, old = (json.loads(Path(path).read_text()) for path in args.compare)
+        rows = compare_reports(new, old)
+        for r in rows:
+            print(f"{'  ' if r['at_least_as_good'] else 'WORSE'} {r['row']}: {r['new']} (old {r['old']})")
+        worse = sum(not r["at_least_as_good"] for r in rows)
+        print(f"{len(rows)} rows, {worse} worse")
+        return 1 if worse else 0
     if args.tokenizer:
         report = evaluate_tokenizer_folder(args.tokenizer, args.data, args.preset, val_fraction=args.val_fraction)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
