@@ -183,6 +183,17 @@ def test_a_stop_signal_saves_a_checkpoint_at_the_step_reached(shapes_data, tmp_p
     assert not (out / "tokenizer").exists()  # stopped, not finished: no export
 
 
+def test_logged_seconds_add_up_every_process_of_a_resumed_run(tmp_path):
+    """A stage stopped and resumed twice: its wall time is the sum of each process's last `time`."""
+    from train.engine import logged_seconds, RunLog
+    log = tmp_path / "log.jsonl"
+    assert logged_seconds(log) == 0.0  # never started
+    times = [(20, 10.0), (40, 20.5), (40, 3.0), (60, 12.0), (80, 2.0), (100, 4.5)]  # 3 processes
+    log.write_text("".join(json.dumps({"step": step, "time": t}) + "\n" for step, t in times))
+    assert len(RunLog.read(log)) == 6
+    assert logged_seconds(log) == pytest.approx(20.5 + 12.0 + 4.5)
+
+
 def test_resume_with_another_config_is_refused(shapes_data, tiny_tokenizer, tmp_path):
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=5, checkpoint_every=5))
     with pytest.raises(CheckpointError, match="batch_size"):

@@ -328,7 +328,23 @@ class RunLog:
             self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def records(self) -> list[dict]:
-        return [json.loads(l) for l in self.path.read_text().splitlines() if l] if self.path.exists() else []
+        return self.read(self.path)
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        path = Path(path)
+        return [json.loads(l) for l in path.read_text().splitlines() if l] if path.exists() else []
+
+
+def logged_seconds(path: Path) -> float:
+    """Wall time behind a run's log.jsonl, summed over every process that wrote to it: each resumed
+    process restarts `time` at 0, so a drop in `time` starts a new process's span."""
+    records = RunLog.read(path)
+    total = 0.0
+    for before, after in zip(records, records[1:] + [None]):
+        if after is None or after["time"] < before["time"]:
+            total += before["time"]
+    return total
 
 
 def plot_curves(records: list[dict], keys: list[str], path: Path, size=(640, 360)) -> None:

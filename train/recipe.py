@@ -21,7 +21,7 @@ import time
 
 from hart.checkpoint import write_json
 
-from .engine import make_config, read_config_file
+from .engine import logged_seconds, make_config, read_config_file
 from .train_ar import ARTrainConfig, trained_resolutions, transformer_config
 from .train_head import head_config, HeadTrainConfig
 from .train_tokenizer import tokenizer_config, TokenizerTrainConfig
@@ -152,7 +152,8 @@ def run_stage(stage: Stage, cfg, record: dict) -> dict:
 
 
 def run(recipe: str, out: str | Path, smoke: bool = False) -> dict[str, float]:
-    """Every unfinished stage in order; returns each stage's seconds (0 for one finished before)."""
+    """Every unfinished stage in order; returns each stage's seconds (0 for one finished before), which
+    for a resumed trainer include the logged time of the processes that ran it before."""
     out = Path(out)
     record = recipe_record(recipe, smoke)
     seconds = {}
@@ -163,12 +164,15 @@ def run(recipe: str, out: str | Path, smoke: bool = False) -> dict[str, float]:
             seconds[stage.name] = 0.0
             continue
         print(f"[{stage.name}] {stage.kind} stage", flush=True)
+        cfg = _in_folder(stage.config, out)
+        # a trainer stopped and resumed across several commands: count the earlier processes' logged time too
+        earlier = logged_seconds(Path(cfg.out) / "log.jsonl") if hasattr(cfg, "out") else 0.0
         started = time.time()
-        result = run_stage(stage, _in_folder(stage.config, out), record)
+        result = run_stage(stage, cfg, record)
         if isinstance(result, dict) and "stopped_by_signal" in result:
             raise SystemExit(f"[{stage.name}] stopped by a signal at step {result['step']}; "
                              "run the same command again to continue")
-        seconds[stage.name] = round(time.time() - started, 1)
+        seconds[stage.name] = round(earlier + time.time() - started, 1)
         write_json({"stage": stage.kind, "seconds": seconds[stage.name],
                     "config": json.loads(json.dumps(asdict(stage.config)))}, marker)
         print(f"[{stage.name}] done in {seconds[stage.name]} s", flush=True)
