@@ -63,6 +63,7 @@ class EvaluateConfig:
 
 KINDS = {"dataset": DatasetConfig, "tokenizer": TokenizerTrainConfig, "ar": ARTrainConfig,
          "head": HeadTrainConfig, "package": PackageConfig, "evaluate": EvaluateConfig}
+TRAINERS = ("tokenizer", "ar", "head")  # the kinds that run train.engine and keep a log.jsonl
 
 
 @dataclass
@@ -166,7 +167,7 @@ def run(recipe: str, out: str | Path, smoke: bool = False) -> dict[str, float]:
         print(f"[{stage.name}] {stage.kind} stage", flush=True)
         cfg = _in_folder(stage.config, out)
         # a trainer stopped and resumed across several commands: count the earlier processes' logged time too
-        earlier = logged_seconds(Path(cfg.out) / "log.jsonl") if hasattr(cfg, "out") else 0.0
+        earlier = logged_seconds(Path(cfg.out) / "log.jsonl") if stage.kind in TRAINERS else 0.0
         started = time.time()
         result = run_stage(stage, cfg, record)
         if isinstance(result, dict) and "stopped_by_signal" in result:
