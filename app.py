@@ -169,10 +169,12 @@ def info_text(model: str, seed: int, resolution: int, opts: dict, timings: dict,
     residual = f"on, {opts['diffusion_steps']} steps" if opts["use_residual"] else "off"
     top_k = "per-scale schedule" if opts["top_k"] is None else opts["top_k"]
     images = f"{count} images, seeds {seed}–{seed + count - 1}" if count > 1 else "1 image"
+    # above the lowest resolution a model may take its coarse scales from a low-resolution pass first
+    coarse = f"low-resolution pass {timings['coarse']:.2f} s · " if "coarse" in timings else ""
     return (f"**Seed: {seed}** · {resolution}px · {images} · model: {model}\n"
             f"cfg {opts['cfg']:g} · residual {residual} · top-k {top_k} · top-p {opts['top_p']:g} · "
             f"temperature {opts['temperature']:g} · more smooth {'on' if opts['more_smooth'] else 'off'}\n"
-            f"Timings: text {t['text']} · AR {t['ar']} · residual diffusion {t['diffusion']} · "
+            f"Timings: text {t['text']} · {coarse}AR {t['ar']} · residual diffusion {t['diffusion']} · "
             f"decode {t['decode']} · **total {t['total']}**")
 
 

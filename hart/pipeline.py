@@ -6,7 +6,7 @@ The official release layout (`llm/` + `tokenizer/`) and hub ids load too."""
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 import secrets
 import time
@@ -18,7 +18,7 @@ from PIL import Image
 from .checkpoint import (CheckpointError, config_from_dict, load_into, read_json, read_weights, write_json,
                          write_weights)
 from .presets import get_preset
-from .sampler import SampleOutput, SamplingOptions, iter_sample, sample_residual
+from .sampler import SampleOutput, SamplingOptions, iter_sample, sample, sample_residual
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .tokenizer import HybridTokenizer, TokenizerConfig
 from .transformer import HARTTransformer, TransformerConfig
@@ -245,7 +245,8 @@ class HARTPipeline:
                diffusion_steps: int | None = None, use_residual: bool = True, seed: int | list[int] | None = None,
                num_images: int = 1, top_k: int | list[int] | None = None, top_p: float | None = None,
                temperature: float | None = None, more_smooth: bool | None = None,
-               residual_temperature: float | None = None, residual_cfg: float | None = None, previews: bool = True,
+               residual_temperature: float | None = None, residual_cfg: float | None = None,
+               coarse_scales: int | None = None, previews: bool = True,
                decode_discrete: bool = True) -> Iterator[tuple[int, list[Image.Image]] | GenerationResult]:
         """Yield (scale index, decoded preview images) after every scale, then the result.
 
@@ -255,7 +256,7 @@ class HARTPipeline:
             prompt, resolution, num_images, seed,
             dict(cfg=cfg, diffusion_steps=diffusion_steps, use_residual=use_residual, top_k=top_k,
                  top_p=top_p, temperature=temperature, more_smooth=more_smooth,
-                 residual_temperature=residual_temperature, residual_cfg=residual_cfg))
+                 residual_temperature=residual_temperature, residual_cfg=residual_cfg, coarse_scales=coarse_scales))
         # one generator per image, seeded seed, seed + 1, ...: each image is the one its seed
         # gives alone, whatever else is in the batch
         generator = [torch.Generator(self.device).manual_seed(s) for s in seeds]
@@ -266,9 +267,21 @@ class HARTPipeline:
         with self._no_grad():
             states, _, positions = self.text_encoder(prompts)
         timings["text"] = time.perf_counter() - start
+        states, positions = states.to(self.device), positions.to(self.device)
+        given = None
+        if opts.coarse_scales and resolution != self.default_resolution:
+            sizes = self.schedules[resolution]
+            drawn = len(sizes) - 1 if self.transformer.continuous_last(sizes) else len(sizes)
+            if opts.coarse_scales > drawn:
+                raise ValueError(f"coarse_scales {opts.coarse_scales}: the {resolution} px schedule draws only "
+                                 f"{drawn} scales")
+            t_coarse = time.perf_counter()
+            with self._no_grad():
+                given = self._coarse_scales(states, positions, resolution, opts, generator)
+            timings["coarse"] = time.perf_counter() - t_coarse
         t_tokens = time.perf_counter()
-        steps = iter_sample(self.transformer, self.tokenizer, states.to(self.device), positions.to(self.device),
-                            self.schedules[resolution], opts, generator)
+        steps = iter_sample(self.transformer, self.tokenizer, states, positions, self.schedules[resolution], opts,
+                            generator, given=given)
         preview_time = 0.0
         while True:
             with self._no_grad():
@@ -298,11 +311,21 @@ class HARTPipeline:
             if output.residual is not None:
                 hybrid = self.tokenizer.decode(output.fhat_discrete, output.residual)
         timings["decode"] = time.perf_counter() - t_dec
-        timings["total"] = time.perf_counter() - start - preview_time
+        timings["total"] = time.perf_counter() - start - preview_time  # includes "coarse" when it ran
         discrete_images = to_pil(discrete) if discrete is not None else []
         yield GenerationResult(images=to_pil(hybrid) if hybrid is not None else discrete_images,
                                discrete_images=discrete_images,
                                seed=seeds[0], seeds=seeds, resolution=resolution, timings=timings)
+
+    def _coarse_scales(self, states, positions, resolution: int, opts: SamplingOptions, generator) -> list:
+        """Indices of the first `opts.coarse_scales` scales at `resolution`: a whole generation at
+        the lowest resolution (drawing from the same generators first; with the residual head when
+        `opts.use_residual`), decoded, upsampled bicubically and encoded at `resolution`."""
+        low = self.default_resolution
+        tokens = sample(self.transformer, self.tokenizer, states, positions, self.schedules[low],
+                        replace(opts, coarse_scales=0), generator)
+        image = self.tokenizer.decode(tokens.fhat_discrete, tokens.residual)
+        return self.tokenizer.coarse_indices(image, self.schedules[resolution], opts.coarse_scales)
 
     def __call__(self, prompt: str | list[str], **kwargs) -> GenerationResult:
         for item in self.stream(prompt, previews=False, **kwargs):

@@ -38,6 +38,10 @@ class SamplingOptions:
     residual_temperature: float = 1.0
     # guidance of the residual head; None = the last scale's cfg, as the official sampler
     residual_cfg: float | None = None
+    # above the model's lowest resolution: the first N scales are not drawn but taken from the
+    # lowest resolution's hybrid image (upsampled and re-encoded), so the low-resolution pass fixes
+    # what the image shows and the high-resolution scales add detail; 0 = one pass
+    coarse_scales: int = 0
 
     def __post_init__(self):
         if isinstance(self.top_k, (list, tuple)):
@@ -63,6 +67,8 @@ class SamplingOptions:
              f"residual_temperature must be >= 0, got {self.residual_temperature}"),
             (self.residual_cfg is None or (math.isfinite(self.residual_cfg) and self.residual_cfg >= 0),
              f"residual_cfg must be None or a finite number >= 0, got {self.residual_cfg}"),
+            (isinstance(self.coarse_scales, int) and not isinstance(self.coarse_scales, bool)
+             and self.coarse_scales >= 0, f"coarse_scales must be an integer >= 0, got {self.coarse_scales}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -231,23 +237,32 @@ class SampleOutput:
 @torch.no_grad()
 def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, context: torch.Tensor,
                 position_ids: torch.Tensor, scale_sizes, opts: SamplingOptions,
-                generator: Generators = None,
-                keep_logits: bool = False) -> Iterator[tuple[int, torch.Tensor] | SampleOutput]:
+                generator: Generators = None, keep_logits: bool = False,
+                given: list[torch.Tensor] | None = None) -> Iterator[tuple[int, torch.Tensor] | SampleOutput]:
     """The discrete tokens for B prompts given text states context [B, Lc, Dt].
 
     Yields (si, partial f̂) after every scale but the last (for previews), then the SampleOutput
     without its residual (`sample_residual` adds it). CFG runs the conditional and unconditional
-    rows as one batch; with cfg = 0 the unconditional half is skipped (same result)."""
+    rows as one batch; with cfg = 0 the unconditional half is skipped (same result). `given`
+    holds the indices [B, pn^2] of the first scales: those are taken, not drawn (the transformer
+    still runs them, for its cache; they keep no logits)."""
     opts.validate()
     sizes = list(scale_sizes)
     S, P = len(sizes), sizes[-1]
     B = context.shape[0]
+    given = list(given or [])
     quant = tokenizer.quantize
     codebook = quant.embedding.weight
     ramp = guidance_ramp(opts.cfg, S)
     steps = ScaleSteps(transformer, context, position_ids, sizes, guided=opts.cfg != 0)
 
     continuous_last = transformer.continuous_last(sizes)
+    drawn_scales = S - 1 if continuous_last else S
+    if len(given) > drawn_scales:
+        raise ValueError(f"{len(given)} given scales for a schedule that draws {drawn_scales}")
+    for si, idx in enumerate(given):
+        if tuple(idx.shape) != (B, sizes[si] ** 2):
+            raise ValueError(f"given scale {si}: indices of shape {tuple(idx.shape)}, expected {(B, sizes[si] ** 2)}")
     fhat = torch.zeros(B, codebook.shape[1], P, P, device=context.device, dtype=codebook.dtype)
     indices, kept_logits = [], []
     for si, pn in enumerate(sizes):
@@ -258,10 +273,14 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
             hidden = steps.image(si, inputs)
         if continuous_last and si == S - 1:
             break  # no tokens at this scale: its hidden states only condition the residual head
-        logits = guide(transformer.logits(hidden, steps.pooled), ramp[si], B)
-        if keep_logits:
-            kept_logits.append(logits)
-        idx, codes = draw(logits, opts, si, S, codebook, generator)
+        if si < len(given):
+            idx = given[si]
+            codes = codebook[idx]
+        else:
+            logits = guide(transformer.logits(hidden, steps.pooled), ramp[si], B)
+            if keep_logits:
+                kept_logits.append(logits)
+            idx, codes = draw(logits, opts, si, S, codebook, generator)
         indices.append(idx)
         codes = codes.transpose(1, 2).reshape(B, -1, pn, pn)
         if si == S - 1:
@@ -309,10 +328,10 @@ def sample_residual(transformer: HARTTransformer, tokens: SampleOutput, opts: Sa
 
 def sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, context: torch.Tensor,
            position_ids: torch.Tensor, scale_sizes, opts: SamplingOptions, generator: Generators = None,
-           diffusion_noise=None, keep_logits: bool = False) -> SampleOutput:
+           diffusion_noise=None, keep_logits: bool = False, given: list[torch.Tensor] | None = None) -> SampleOutput:
     """Tokens, then (when `opts.use_residual`) the residual: the whole generation before decoding."""
     for item in iter_sample(transformer, tokenizer, context, position_ids, scale_sizes, opts, generator,
-                            keep_logits):
+                            keep_logits, given):
         pass
     if opts.use_residual:
         item.residual = sample_residual(transformer, item, opts, generator, diffusion_noise)

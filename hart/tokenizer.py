@@ -250,15 +250,18 @@ class MultiScaleQuantizer(nn.Module):
         z = rest if last else F.interpolate(rest, size=(side, side), mode="area")
         return self.nearest_codes(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, side * side)
 
-    def encode(self, f: torch.Tensor, scale_sizes) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Latent f [B, C, P, P] -> (per-scale indices, remainder before the last scale [B, P*P, C])."""
+    def encode(self, f: torch.Tensor, scale_sizes,
+               given: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Latent f [B, C, P, P] -> (per-scale indices, remainder before the last scale [B, P*P, C]).
+        `given` fixes the indices of the first scales; the later ones quantize what those leave."""
         P = f.shape[-1]
         assert scale_sizes[-1] == P, f"last scale {scale_sizes[-1]} must equal the latent side {P}"
+        given = list(given or [])
         rest = f
         indices = []
         for si, pn in enumerate(scale_sizes):
             last = si == len(scale_sizes) - 1
-            idx = self.scale_indices(rest, pn, last)
+            idx = given[si] if si < len(given) else self.scale_indices(rest, pn, last)
             indices.append(idx)
             if not last:
                 rest = rest - self.upsampled_scale(self.embed_scale(idx, pn), si, scale_sizes)
@@ -344,20 +347,31 @@ class HybridTokenizer(nn.Module):
         """Images [B, 3, H, W] in [-1, 1] -> continuous latent f [B, Cvae, H/d, W/d]."""
         return self.quant_conv(self.encoder(images))
 
-    def encode(self, images: torch.Tensor, scale_sizes,
-               continuous_last: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(self, images: torch.Tensor, scale_sizes, continuous_last: bool = False,
+               given: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Images -> (per-scale indices, continuous residual [B, P*P, Cvae]).
 
         The residual is what the last scale's codes leave of the remainder (with `continuous_last`,
         the whole remainder before the last scale): f equals
-        indices_to_fhat(indices, scale_sizes, continuous_last) + residual (in token layout)."""
-        indices, rest_before_last = self.quantize.encode(self.encode_latent(images), scale_sizes)
+        indices_to_fhat(indices, scale_sizes, continuous_last) + residual (in token layout).
+        `given` fixes the first scales' indices (see `coarse_indices`)."""
+        indices, rest_before_last = self.quantize.encode(self.encode_latent(images), scale_sizes, given)
         if continuous_last:
             return indices, rest_before_last
         return indices, rest_before_last - self.quantize.embedding(indices[-1])
 
     def indices_to_fhat(self, indices, scale_sizes, continuous_last: bool = False) -> torch.Tensor:
         return self.quantize.indices_to_fhat(indices, scale_sizes, continuous_last)
+
+    def coarse_indices(self, low_images: torch.Tensor, scale_sizes, count: int) -> list[torch.Tensor]:
+        """The first `count` scales' indices for images of a lower resolution: upsampled bicubically
+        to the resolution of `scale_sizes` and encoded there. A generation above a model's lowest
+        resolution can take its coarse scales from the lowest one's image this way, and its head is
+        trained on the same construction from the dataset's low-resolution images."""
+        side = scale_sizes[-1] * self.config.downsample
+        up = F.interpolate(low_images.float(), size=(side, side), mode="bicubic").clamp(-1, 1)
+        indices, _ = self.quantize.encode(self.encode_latent(up.to(self.codebook.dtype)), scale_sizes)
+        return indices[:count]
 
     def decode(self, fhat: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Latent (plus optional residual tokens [B, P*P, C]) -> image in [-1, 1]."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hart import HARTPipeline
+from hart.pipeline import to_pil
 from hart.checkpoint import read_weights
 from hart.diffusion import ResidualDiffusionHead, respaced_timesteps
 from hart.sampler import SamplingOptions, filter_logits, guidance_ramp, sample, sample_indices, sample_top_k
@@ -590,3 +591,77 @@ def test_a_batch_gives_each_prompt_the_image_its_seed_gives_alone(pipe):
         torch.testing.assert_close(together.residual[i:i + 1], one.residual, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="one integer"):
         pipe(prompts, seed=[1, 2])
+
+
+def test_given_scales_are_taken_and_the_rest_drawn(pipe):
+    """`given` indices replace the first scales' draws; the transformer still runs them, so a
+    generation given all its own tokens reproduces itself, and a partial one keeps the prefix."""
+    sizes = pipe.schedules[64]
+    states, _, positions = pipe.text_encoder(PROMPTS)
+    opts = SamplingOptions(cfg=2.5, top_k=8, diffusion_steps=2)
+    plain = sample(pipe.transformer, pipe.tokenizer, states, positions, sizes, opts, torch.Generator().manual_seed(0))
+    other = sample(pipe.transformer, pipe.tokenizer, states, positions, sizes, opts, torch.Generator().manual_seed(1))
+    mixed = sample(pipe.transformer, pipe.tokenizer, states, positions, sizes, opts, torch.Generator().manual_seed(0),
+                   given=other.indices[:2])
+    assert all(torch.equal(a, b) for a, b in zip(mixed.indices[:2], other.indices[:2]))
+    assert not all(torch.equal(a, b) for a, b in zip(mixed.indices[2:], plain.indices[2:]))
+    replay = sample(pipe.transformer, pipe.tokenizer, states, positions, sizes, opts, torch.Generator().manual_seed(5),
+                    given=plain.indices)
+    torch.testing.assert_close(replay.fhat_discrete, plain.fhat_discrete)
+    torch.testing.assert_close(replay.head_condition, plain.head_condition, atol=2e-4, rtol=2e-4)
+    with pytest.raises(ValueError, match="given scale 1"):
+        sample(pipe.transformer, pipe.tokenizer, states, positions, sizes, opts, given=[plain.indices[0]] * 2)
+    with pytest.raises(ValueError, match="draws 5"):
+        sample(pipe.transformer, pipe.tokenizer, states, positions, sizes, opts, given=plain.indices + [plain.indices[-1]])
+
+
+def test_coarse_scales_come_from_the_lowest_resolution_image(pipe):
+    """Above the lowest resolution, `coarse_scales` takes the first scales from the lowest
+    resolution's generation (same generators, drawn first), upsampled and re-encoded."""
+    from hart.sampler import iter_sample, sample_residual
+    opts = SamplingOptions(**{**vars(pipe.sampling_defaults), "top_k": 8, "diffusion_steps": 2})
+    result = pipe("red apple", resolution=64, seed=4, top_k=8, diffusion_steps=2, coarse_scales=3)
+    assert "coarse" in result.timings
+    assert images_bytes(result) == images_bytes(
+        pipe("red apple", resolution=64, seed=4, top_k=8, diffusion_steps=2, coarse_scales=3))
+    one_pass = pipe("red apple", resolution=64, seed=4, top_k=8, diffusion_steps=2)
+    assert images_bytes(result) != images_bytes(one_pass)
+    # the same construction by hand
+    generator = [torch.Generator().manual_seed(4)]
+    states, _, positions = pipe.text_encoder(["red apple"])
+    with torch.no_grad():
+        low = sample(pipe.transformer, pipe.tokenizer, states, positions, pipe.schedules[32], opts, generator)
+        given = pipe.tokenizer.coarse_indices(pipe.tokenizer.decode(low.fhat_discrete, low.residual),
+                                              pipe.schedules[64], 3)
+        assert [g.shape[1] for g in given] == [1, 4, 16]
+        out = sample(pipe.transformer, pipe.tokenizer, states, positions, pipe.schedules[64], opts, generator,
+                     given=given)
+        hybrid = pipe.tokenizer.decode(out.fhat_discrete, out.residual)
+    assert result.images[0].tobytes() == to_pil(hybrid)[0].tobytes()
+    # the lowest resolution has nothing to take its scales from: unchanged
+    assert images_bytes(pipe("red apple", resolution=32, seed=4, coarse_scales=3)) == \
+        images_bytes(pipe("red apple", resolution=32, seed=4))
+    with pytest.raises(ValueError, match="draws only 5 scales"):
+        pipe("red apple", resolution=64, seed=4, coarse_scales=6)
+    with pytest.raises(ValueError, match="coarse_scales must be an integer >= 0"):
+        pipe("red apple", resolution=64, seed=4, coarse_scales=-1)
+
+
+def test_head_tokens_with_coarse_scales_still_add_up_to_the_latent(pipe):
+    """The head's training targets built the sampler's way: the first scales are the low-resolution
+    image's, and the tokens plus the residual still give the image's own latent."""
+    from train.common import head_tokens
+    tok, tf, sizes = pipe.tokenizer, pipe.transformer, pipe.schedules[64]
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    low = torch.nn.functional.interpolate(images, size=(32, 32), mode="area")
+    with torch.no_grad():
+        indices, residual = head_tokens(tok, tf, images, sizes, low, coarse_scales=2)
+        given = tok.coarse_indices(low, sizes, 2)
+        plain, _ = tok.encode(images, sizes)
+        latent = tok.encode_latent(images)
+        rebuilt = tok.indices_to_fhat(indices, sizes) + residual.transpose(1, 2).reshape_as(latent)
+    assert all(torch.equal(a, b) for a, b in zip(indices[:2], given))
+    assert not all(torch.equal(a, b) for a, b in zip(indices, plain))
+    torch.testing.assert_close(rebuilt, latent, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="lowest resolution"):
+        head_tokens(tok, tf, images, sizes, None, coarse_scales=2)

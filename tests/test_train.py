@@ -575,6 +575,10 @@ def test_smoke_recipe_packages_a_model_that_generates(tmp_path, recipe):
     report = read_json(model / "eval.json")
     assert set(report["resolutions"]) == {"64", "128"}
     assert index["sampling"] == {**index["sampling"], **report["sweep"]["best"]}  # the sweep's choice is stored
+    # a head stage's coarse_scales is built into its training data and kept as the sampling default
+    from train.recipe import load_recipe
+    coarse = [s.config.coarse_scales for s in load_recipe(recipe) if s.kind == "head" and s.config.coarse_scales is not None]
+    assert index["sampling"]["coarse_scales"] == (coarse[-1] if coarse else 0)
     pipe = HARTPipeline.from_pretrained(model)
     image = pipe("red apple", resolution=128, seed=0).images[0]
     assert image.size == (128, 128)

@@ -75,6 +75,19 @@ def teacher_forced_condition(transformer: HARTTransformer, tokenizer: HybridToke
     return transformer.diffusion_condition(hidden_last, codes)
 
 
+def head_tokens(tokenizer: HybridTokenizer, transformer: HARTTransformer, images: torch.Tensor, scales,
+                low_images: torch.Tensor | None = None, coarse_scales: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """True indices and residual targets of `images` as the sampler meets them: with `coarse_scales`,
+    the first scales come from `low_images` (the same images at the model's lowest resolution),
+    upsampled and re-encoded, and the later scales and the residual take what those leave."""
+    given = None
+    if coarse_scales:
+        if low_images is None or len(low_images) != len(images):
+            raise ValueError(f"coarse_scales {coarse_scales} needs the same images at the lowest resolution")
+        given = tokenizer.coarse_indices(low_images, scales, coarse_scales)
+    return tokenizer.encode(images, scales, transformer.continuous_last(scales), given)
+
+
 def images_to_tensor(images) -> torch.Tensor:
     """PIL images -> float [N, 3, H, W] in [-1, 1]."""
     return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])

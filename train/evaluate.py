@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from hart.pipeline import HARTPipeline
 from hart.presets import get_preset
-from .common import images_to_tensor, load_tokenizer, teacher_forced_condition
+from .common import head_tokens, images_to_tensor, load_tokenizer, teacher_forced_condition
 from .data import HELD_OUT_TEMPLATES, load_dataset
 from .metrics import psnr
 from .train_tokenizer import evaluate as evaluate_tokenizer
@@ -107,15 +107,17 @@ def reconstruction_retrieval(tokenizer, references: torch.Tensor, database: torc
 
 @torch.no_grad()
 def residual_head_check(pipe, references: torch.Tensor, captions: list[str], scales, count: int = 128,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, low_references: torch.Tensor | None = None, coarse_scales: int = 0) -> dict:
     """What the residual head adds when the discrete tokens are exactly right: teacher-forced
     transformer on dataset images and their own captions, then decoded with no residual, with the
-    true residual (the head's ceiling) and with the head's sample at the default temperature."""
+    true residual (the head's ceiling) and with the head's sample at the default temperature. With
+    `coarse_scales`, the true tokens are built as the sampler meets them (`common.head_tokens`)."""
     tf, tok = pipe.transformer, pipe.tokenizer
     picked = torch.randperm(len(references), generator=torch.Generator().manual_seed(seed))[:count]
     images = references[picked].to(tok.codebook.dtype)
     continuous_last = tf.continuous_last(scales)
-    indices, residual = tok.encode(images, scales, continuous_last)
+    low = low_references[picked] if coarse_scales else None
+    indices, residual = head_tokens(tok, tf, images, scales, low, coarse_scales)
     fhat = tok.indices_to_fhat(indices, scales, continuous_last)
     states, _, positions = pipe.text_encoder([captions[int(i)] for i in picked])
     z = teacher_forced_condition(tf, tok, states, positions, indices, scales)
@@ -226,8 +228,10 @@ def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2
         for name, prompts in sets[res].items():
             entry["generation"][name] = generate_and_retrieve(pipe, prompts, res, databases[res], references[res])
         entry["residual_gain_db"] = entry["generation"]["exact"]["residual_gain_db"]
+        coarse = pipe.sampling_defaults.coarse_scales if res != pipe.default_resolution else 0
         entry["residual_head_teacher_forced"] = residual_head_check(
-            pipe, references[res], [c["text"] for c in full[res].captions], scales)
+            pipe, references[res], [c["text"] for c in full[res].captions], scales,
+            low_references=references[pipe.default_resolution], coarse_scales=coarse)
         report["resolutions"][str(res)] = entry
         print(json.dumps({res: entry}, indent=1), flush=True)
     return report

@@ -37,7 +37,7 @@ from hart.diffusion import ResidualDiffusionHead, TRAIN_STEPS
 from hart.pipeline import HARTPipeline
 from hart.transformer import TransformerConfig
 
-from .common import adamw_decaying_matrices, EMA, hash_weights, teacher_forced_condition
+from .common import adamw_decaying_matrices, EMA, hash_weights, head_tokens, teacher_forced_condition
 from .data import load_dataset
 from .engine import command_line, Engine, RunConfig, unwrap
 
@@ -56,6 +56,10 @@ class HeadTrainConfig(RunConfig):
     # finest-grid sides whose last scale the head takes over (no tokens drawn there; it models all
     # the coarser scales leave); None: the model's setting
     continuous_last_sides: tuple | None = None
+    # scales above the lowest resolution taken from the lowest one's image (SamplingOptions.coarse_scales):
+    # the conditions and targets are built the sampler's way and the model keeps it as its default;
+    # None: the model's setting
+    coarse_scales: int | None = None
     low_timestep_share: float = 0.0    # share of tokens trained at t < low_timestep_max (0: official uniform t)
     low_timestep_max: int = 300
     unrolled_weight: float = 0.0       # > 0: add this times the unrolled temperature-0 sample's MSE
@@ -145,7 +149,8 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
                     batch: int = 32) -> dict[str, torch.Tensor]:
     """Conditions [W + 1, N, P^2, C] fp16 and residuals [N, P^2, D] for every image at `resolution`
     (the residual is everything the coarser scales leave where the model leaves the last scale to
-    the head):
+    the head; above the lowest resolution, the model's `coarse_scales` come from the dataset's
+    lowest-resolution image, as `common.head_tokens` builds them):
     W wordings, then the empty prompt (zero text states and positions, as the sampler's
     unconditional rows). Cached in `folder` under a hash of the frozen transformer and tokenizer
     (not the head: training it does not change its inputs), the data and W."""
@@ -154,7 +159,12 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
     dataset = load_dataset(data, resolution, "all", caption_variation=True)
     n = len(dataset.captions)
     continuous_last = tf.continuous_last(scales)
-    key = [resolution, list(scales), wordings, dataset.source, n] + (["continuous_last"] if continuous_last else [])
+    coarse = pipe.sampling_defaults.coarse_scales if resolution != pipe.default_resolution else 0
+    low = load_dataset(data, pipe.default_resolution, "all", caption_variation=False) if coarse else None
+    if low is not None and [c["text"] for c in low.captions] != [c["text"] for c in dataset.captions]:
+        raise ValueError(f"{data}: the {pipe.default_resolution} px and {resolution} px images are not the same list")
+    key = ([resolution, list(scales), wordings, dataset.source, n] + (["continuous_last"] if continuous_last else [])
+           + ([f"coarse_{coarse}"] if coarse else []))
     digest = hashlib.sha256(json.dumps(key).encode())
     for module in (tf, tok):
         hash_weights(digest, module, skip_prefix="diffloss.")
@@ -163,7 +173,9 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
         conditions, residuals = [], []
         for start in tqdm(range(0, n, batch), desc=f"head conditions {resolution}px"):
             ids = range(start, min(n, start + batch))
-            indices, residual = tok.encode(torch.stack([dataset.image(i) for i in ids]), scales, continuous_last)
+            low_images = torch.stack([low.image(i) for i in ids]) if low is not None else None
+            indices, residual = head_tokens(tok, tf, torch.stack([dataset.image(i) for i in ids]), scales,
+                                            low_images, coarse)
             per_wording = []
             for w in range(wordings + 1):
                 if w < wordings:
@@ -216,6 +228,9 @@ def train(cfg: HeadTrainConfig) -> dict:
     pipe = HARTPipeline.from_pretrained(cfg.model)
     if cfg.continuous_last_sides is not None:  # before the conditions and targets are built
         pipe.transformer.config.continuous_last_sides = tuple(cfg.continuous_last_sides)
+    if cfg.coarse_scales is not None:  # the same; saved with the model as its sampling default
+        pipe.sampling_defaults.coarse_scales = cfg.coarse_scales
+        pipe.sampling_defaults.validate()
     pipe.transformer.float().requires_grad_(False)
     pipe.tokenizer.float()
     engine = Engine(cfg, "head")
