@@ -254,10 +254,13 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
     quant = tokenizer.quantize
     codebook = quant.embedding.weight
     ramp = guidance_ramp(opts.cfg, S)
-    steps = ScaleSteps(transformer, context, position_ids, sizes, guided=opts.cfg != 0)
-
     continuous_last = transformer.continuous_last(sizes)
     drawn_scales = S - 1 if continuous_last else S
+    # the unconditional rows serve the guidance of drawn scales and of the head: none when every
+    # drawn scale is given and the head is unguided
+    guided = opts.cfg != 0 and (len(given) < drawn_scales or opts.residual_cfg != 0)
+    steps = ScaleSteps(transformer, context, position_ids, sizes, guided=guided)
+
     if len(given) > drawn_scales:
         raise ValueError(f"{len(given)} given scales for a schedule that draws {drawn_scales}")
     for si, idx in enumerate(given):

@@ -609,6 +609,13 @@ def test_given_scales_are_taken_and_the_rest_drawn(pipe):
                     given=plain.indices)
     torch.testing.assert_close(replay.fhat_discrete, plain.fhat_discrete)
     torch.testing.assert_close(replay.head_condition, plain.head_condition, atol=2e-4, rtol=2e-4)
+    # every drawn scale given and an unguided head: the unconditional rows are skipped, nothing else changes
+    assert replay.unconditional_condition is not None
+    unguided = sample(pipe.transformer, pipe.tokenizer, states, positions, sizes,
+                      SamplingOptions(cfg=2.5, top_k=8, diffusion_steps=2, residual_cfg=0.0),
+                      torch.Generator().manual_seed(5), given=plain.indices)
+    assert unguided.unconditional_condition is None
+    torch.testing.assert_close(unguided.head_condition, plain.head_condition, atol=2e-4, rtol=2e-4)
     with pytest.raises(ValueError, match="given scale 1"):
         sample(pipe.transformer, pipe.tokenizer, states, positions, sizes, opts, given=[plain.indices[0]] * 2)
     with pytest.raises(ValueError, match="draws 5"):
