@@ -270,8 +270,7 @@ class HARTPipeline:
         states, positions = states.to(self.device), positions.to(self.device)
         given = None
         if opts.coarse_scales and resolution != self.default_resolution:
-            sizes = self.schedules[resolution]
-            drawn = len(sizes) - 1 if self.transformer.continuous_last(sizes) else len(sizes)
+            drawn = self.transformer.drawn_scales(self.schedules[resolution])
             if opts.coarse_scales > drawn:
                 raise ValueError(f"coarse_scales {opts.coarse_scales}: the {resolution} px schedule draws only "
                                  f"{drawn} scales")

@@ -255,7 +255,7 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
     codebook = quant.embedding.weight
     ramp = guidance_ramp(opts.cfg, S)
     continuous_last = transformer.continuous_last(sizes)
-    drawn_scales = S - 1 if continuous_last else S
+    drawn_scales = transformer.drawn_scales(sizes)
     # the unconditional rows serve the guidance of drawn scales and of the head: none when every
     # drawn scale is given and the head is unguided
     guided = opts.cfg != 0 and (len(given) < drawn_scales or opts.residual_cfg != 0)

@@ -266,6 +266,10 @@ class HARTTransformer(nn.Module):
         """Whether the residual head alone produces the last scale of this schedule."""
         return scale_sizes[-1] in self.config.continuous_last_sides
 
+    def drawn_scales(self, scale_sizes) -> int:
+        """How many scales of this schedule draw tokens (all but a continuous last one)."""
+        return len(scale_sizes) - 1 if self.continuous_last(scale_sizes) else len(scale_sizes)
+
     def _rope(self, angles: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
 
