@@ -194,6 +194,34 @@ def test_logged_seconds_add_up_every_process_of_a_resumed_run(tmp_path):
     assert logged_seconds(log) == pytest.approx(20.5 + 12.0 + 4.5)
 
 
+def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path):
+    """The engine raises at the first NaN loss, naming the step, and the checkpoints on disk keep the
+    last finite weights, so a rerun with a lower lr resumes from them."""
+    from train.engine import Checkpointer, Engine, NonFiniteLoss, RunConfig
+    cfg = RunConfig(out=str(tmp_path / "run"), steps=10, lr=0.1, warmup=0, log_every=1, checkpoint_every=2,
+                    mixed_precision="no")
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    engine = Engine(cfg, "toy")
+    engine.resume(model, optimizer)
+    model, optimizer = engine.prepare(model, optimizer)
+    x = torch.ones(4, 2)
+
+    def train_step(step, g):
+        loss = model(x).square().mean() * (math.nan if step == 4 else 1.0)  # step 5 of 10 goes bad
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss}
+
+    with pytest.raises(NonFiniteLoss, match="step 5.*step_00000004"):
+        engine.run(train_step, optimizer, lambda: model)
+    latest = Checkpointer(Path(cfg.out)).latest()
+    assert latest.name == "step_00000004"
+    assert all(torch.isfinite(w).all() for w in read_weights(latest / "model.safetensors").values())
+    assert torch.isnan(model.weight).any()  # the bad step did reach the live weights: only the disk is safe
+
+
 def test_resume_with_another_config_is_refused(shapes_data, tiny_tokenizer, tmp_path):
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=5, checkpoint_every=5))
     with pytest.raises(CheckpointError, match="batch_size"):

@@ -127,6 +127,8 @@ def check_resume_config(saved: dict, current: dict, source: Path, defaults: dict
     """Refuse to resume with a different config. A field the checkpoint lacks (added to the
     config class later) counts as its default value."""
     saved = {**(defaults or {}), **saved}
+    # steps may change (stop early, go on longer), the cosine horizon may not: 0 means steps
+    saved, current = ({**c, "schedule_steps": c.get("schedule_steps") or c.get("steps")} for c in (saved, current))
     diffs = [k for k in sorted(set(saved) | set(current))
              if k not in RESUMABLE_CHANGES and _jsonable(saved.get(k)) != _jsonable(current.get(k))]
     if diffs:
@@ -383,6 +385,10 @@ def _loggable(value):
 
 # ------------------------------------------------------------------ the loop
 
+class NonFiniteLoss(RuntimeError):
+    """A step's loss was NaN or infinite (the run stops before saving it)."""
+
+
 class Engine:
     """One training run: accelerate, resume, the step loop with its checkpoints, stops and logs."""
 
@@ -443,6 +449,7 @@ class Engine:
             for step in bar:
                 set_lr(optimizer, self.lr_at(step))
                 metrics = train_step(step, step_generator(cfg.seed, step, self.rank))
+                self._check_finite(metrics, step)
                 if metrics is not None and self.is_log_step(step):
                     values = {k: _loggable(v) for k, v in metrics.items()}
                     speed = (step + 1 - self.start_step) / (time.time() - started)
@@ -469,6 +476,21 @@ class Engine:
             acc.end_training()
             return {"step": step, "stopped_by_signal": stop.received}
         return {"step": step}
+
+    def _check_finite(self, metrics: dict | None, step: int) -> None:
+        """Stop before a non-finite loss reaches a checkpoint: the checkpoints on disk keep the last
+        finite weights, so lowering the lr or clipping and rerunning resumes from them."""
+        loss = (metrics or {}).get("loss")
+        if loss is None:
+            return
+        bad = torch.tensor(0.0 if torch.isfinite(torch.as_tensor(loss)).all() else 1.0)
+        if self.world > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        if bad.item():
+            latest = self.checkpointer.latest()
+            raise NonFiniteLoss(f"{self.name}: the loss is not finite at step {step + 1}; nothing from this "
+                                f"step on was saved, the last checkpoint is {latest or 'none (a fresh run)'}. "
+                                "Lower --lr or set a gradient clip, then rerun to resume from it.")
 
     def finish(self, module: nn.Module, plot_keys: list[str]) -> None:
         """After the export: the loss plot, every process's weight checksum, accelerate's end."""

@@ -39,7 +39,7 @@ from hart.transformer import TransformerConfig
 
 from .common import adamw_decaying_matrices, EMA, hash_weights, head_tokens, teacher_forced_condition
 from .data import load_dataset
-from .engine import command_line, Engine, RunConfig, unwrap
+from .engine import clip_gradients, command_line, Engine, RunConfig, unwrap
 
 
 @dataclass
@@ -67,6 +67,7 @@ class HeadTrainConfig(RunConfig):
     batch_tokens: int = 1024
     lr: float = 5e-4
     weight_decay: float = 0.0
+    grad_clip: float = 0.0             # max gradient norm (0: no clip; the norm is logged either way)
     steps: int = 20000
     ema_decay: float = 0.999
     eval_tokens: int = 4096
@@ -271,9 +272,10 @@ def train(cfg: HeadTrainConfig) -> dict:
                                                                         generator=g)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        grad_norm = clip_gradients(accelerator, model, cfg.grad_clip)
         optimizer.step()
         ema.update(trained_head, step)
-        metrics = {"loss": loss}
+        metrics = {"loss": loss, "grad_norm": grad_norm}
         if engine.is_log_step(step):
             with accelerator.autocast():
                 metrics["explained"] = explained(ema_copy(ema, head))
