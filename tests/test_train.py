@@ -220,6 +220,11 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path):
     assert latest.name == "step_00000004"
     assert all(torch.isfinite(w).all() for w in read_weights(latest / "model.safetensors").values())
     assert torch.isnan(model.weight).any()  # the bad step did reach the live weights: only the disk is safe
+    # a NaN gradient with a finite loss (the update that poisons the weights) stops the run as well
+    engine = Engine(replace(cfg, out=str(tmp_path / "grad")), "toy")
+    with pytest.raises(NonFiniteLoss, match="step 3"):
+        engine.run(lambda step, g: {"loss": torch.tensor(1.0), "grad_norm": torch.tensor(math.nan if step == 2 else 1.0)},
+                   optimizer, lambda: model)
 
 
 def test_resume_with_another_config_is_refused(shapes_data, tiny_tokenizer, tmp_path):

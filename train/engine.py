@@ -386,7 +386,7 @@ def _loggable(value):
 # ------------------------------------------------------------------ the loop
 
 class NonFiniteLoss(RuntimeError):
-    """A step's loss was NaN or infinite (the run stops before saving it)."""
+    """A step's loss or gradient norm was NaN or infinite (the run stops before saving it)."""
 
 
 class Engine:
@@ -478,18 +478,19 @@ class Engine:
         return {"step": step}
 
     def _check_finite(self, metrics: dict | None, step: int) -> None:
-        """Stop before a non-finite loss reaches a checkpoint: the checkpoints on disk keep the last
-        finite weights, so lowering the lr or clipping and rerunning resumes from them."""
-        loss = (metrics or {}).get("loss")
-        if loss is None:
+        """Stop before a non-finite loss or gradient norm (whose update has made the weights NaN)
+        reaches a checkpoint: the checkpoints on disk keep the last finite weights, so lowering the
+        lr or clipping and rerunning resumes from them."""
+        watched = {k: v for k, v in (metrics or {}).items() if k in ("loss", "grad_norm") and v is not None}
+        if not watched:
             return
-        bad = torch.tensor(0.0 if torch.isfinite(torch.as_tensor(loss)).all() else 1.0)
+        bad = torch.tensor(float(not all(torch.isfinite(torch.as_tensor(v)).all() for v in watched.values())))
         if self.world > 1:
             bad = self.accelerator.reduce(bad, "sum")
         if bad.item():
             latest = self.checkpointer.latest()
-            raise NonFiniteLoss(f"{self.name}: the loss is not finite at step {step + 1}; nothing from this "
-                                f"step on was saved, the last checkpoint is {latest or 'none (a fresh run)'}. "
+            raise NonFiniteLoss(f"{self.name}: the loss or gradient is not finite at step {step + 1}; nothing from "
+                                f"this step on was saved, the last checkpoint is {latest or 'none (a fresh run)'}. "
                                 "Lower --lr or set a gradient clip, then rerun to resume from it.")
 
     def finish(self, module: nn.Module, plot_keys: list[str]) -> None:
