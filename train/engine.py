@@ -484,7 +484,8 @@ class Engine:
         watched = {k: v for k, v in (metrics or {}).items() if k in ("loss", "grad_norm") and v is not None}
         if not watched:
             return
-        bad = torch.tensor(float(not all(torch.isfinite(torch.as_tensor(v)).all() for v in watched.values())))
+        bad = torch.tensor(float(not all(torch.isfinite(torch.as_tensor(v)).all() for v in watched.values())),
+                           device=self.accelerator.device)  # NCCL reduces device tensors only
         if self.world > 1:
             bad = self.accelerator.reduce(bad, "sum")
         if bad.item():
