@@ -197,7 +197,7 @@ def test_logged_seconds_add_up_every_process_of_a_resumed_run(tmp_path):
 def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path):
     """The engine raises at the first NaN loss, naming the step, and the checkpoints on disk keep the
     last finite weights, so a rerun with a lower lr resumes from them."""
-    from train.engine import Checkpointer, Engine, NonFiniteLoss, RunConfig
+    from train.engine import Checkpointer, Engine, NonFiniteStep, RunConfig
     cfg = RunConfig(out=str(tmp_path / "run"), steps=10, lr=0.1, warmup=0, log_every=1, checkpoint_every=2,
                     mixed_precision="no")
     model = torch.nn.Linear(2, 1)
@@ -214,7 +214,7 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path):
         optimizer.step()
         return {"loss": loss}
 
-    with pytest.raises(NonFiniteLoss, match="step 5.*step_00000004"):
+    with pytest.raises(NonFiniteStep, match="step 5.*step_00000004"):
         engine.run(train_step, optimizer, lambda: model)
     latest = Checkpointer(Path(cfg.out)).latest()
     assert latest.name == "step_00000004"
@@ -222,7 +222,7 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path):
     assert torch.isnan(model.weight).any()  # the bad step did reach the live weights: only the disk is safe
     # a NaN gradient with a finite loss (the update that poisons the weights) stops the run as well
     engine = Engine(replace(cfg, out=str(tmp_path / "grad")), "toy")
-    with pytest.raises(NonFiniteLoss, match="step 3"):
+    with pytest.raises(NonFiniteStep, match="step 3"):
         engine.run(lambda step, g: {"loss": torch.tensor(1.0), "grad_norm": torch.tensor(math.nan if step == 2 else 1.0)},
                    optimizer, lambda: model)
 

@@ -385,7 +385,7 @@ def _loggable(value):
 
 # ------------------------------------------------------------------ the loop
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteStep(RuntimeError):
     """A step's loss or gradient norm was NaN or infinite (the run stops before saving it)."""
 
 
@@ -490,7 +490,7 @@ class Engine:
             bad = self.accelerator.reduce(bad, "sum")
         if bad.item():
             latest = self.checkpointer.latest()
-            raise NonFiniteLoss(f"{self.name}: the loss or gradient is not finite at step {step + 1}; nothing from "
+            raise NonFiniteStep(f"{self.name}: the loss or gradient is not finite at step {step + 1}; nothing from "
                                 f"this step on was saved, the last checkpoint is {latest or 'none (a fresh run)'}. "
                                 "Lower --lr or set a gradient clip, then rerun to resume from it.")
 
