@@ -205,16 +205,16 @@ class ResidualDiffusionHead(nn.Module):
             eps, v = out[:N, :D], out[:N, D:]
             if guided:
                 eps = (1 + cfg) * eps - cfg * out[N:, :D]
-            frac = (v + 1) / 2
-            log_var = frac * c["log_betas"] + (1 - frac) * c["posterior_log_variance"]
             x0 = (c["sqrt_recip_ac"] * x - c["sqrt_recipm1_ac"] * eps).clamp(-1, 1)
             mean = c["posterior_coef1"] * x0 + c["posterior_coef2"] * x
-            if i > 0:
+            x = mean
+            if i > 0:  # the draw is made even at temperature 0, so later draws do not shift with it
                 eps_noise = noise[1][n] if noise is not None else torch.randn(N, D, generator=generator,
                                                                                  device=z.device, dtype=dtype)
-                x = mean + torch.exp(0.5 * log_var) * eps_noise * temperature
-            else:
-                x = mean
+                if temperature != 0:  # at 0 the variance must not enter: an overflowing exp times 0 is NaN
+                    frac = (v + 1) / 2
+                    log_var = frac * c["log_betas"] + (1 - frac) * c["posterior_log_variance"]
+                    x = mean + torch.exp(0.5 * log_var) * eps_noise * temperature
         return x * self.residual_scale
 
     # ---- training

@@ -284,6 +284,27 @@ def test_diffusion_head_steps_and_zero_cfg():
     assert out.abs().max() <= head.residual_scale + 1e-6  # x0 is clipped to [-1, 1] before scaling
 
 
+def test_a_zero_temperature_chain_ignores_an_overflowing_variance():
+    """At temperature 0 the chain is the posterior mean alone: a variance output large enough to
+    overflow exp() must not leak in (inf * 0 = NaN, which is how a head fine-tune through the
+    unrolled chain once diverged), and the sample and its gradients stay finite."""
+    torch.manual_seed(0)
+    head = ResidualDiffusionHead(token_dim=4, cond_dim=16, width=32, depth=2)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        head.net.final_layer.linear.bias[4:] = 1e4  # the variance half of the output
+    z = torch.randn(5, 16)
+    out = head.sample(z, steps=4, temperature=0.0, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
+    with torch.no_grad():  # the same draws are consumed, so a temperature-0 call does not shift the stream
+        g0, g1 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+        head.sample(z, steps=4, temperature=0.0, generator=g0), head.sample(z, steps=4, generator=g1)
+        assert torch.equal(torch.randn(3, generator=g0), torch.randn(3, generator=g1))
+
+
 def test_residual_scale_sets_the_heads_units():
     """A head at scale s models residual / s: the same net at 0.15 and at 0.6 agrees once the
     targets and samples are converted between the two units."""
