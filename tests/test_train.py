@@ -233,6 +233,18 @@ def test_resume_with_another_config_is_refused(shapes_data, tiny_tokenizer, tmp_
         train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=10, batch_size=2))
 
 
+def test_command_line_flags_parse_optional_fields_as_their_type():
+    """`--coarse-scales 7` on an `int | None` field is the integer 7, not the text "7"."""
+    from train.engine import load_config
+    from train.train_head import HeadTrainConfig
+    cfg = load_config(HeadTrainConfig, {}, ["--coarse-scales", "7", "--continuous-last-sides", "16",
+                                            "--balance-resolutions", "true", "--lr", "2e-4"])
+    assert cfg.coarse_scales == 7 and isinstance(cfg.coarse_scales, int)
+    assert cfg.continuous_last_sides == (16,) and cfg.balance_resolutions is True and cfg.lr == 2e-4
+    with pytest.raises(SystemExit):
+        load_config(HeadTrainConfig, {}, ["--coarse-scales", "seven"])
+
+
 def test_two_process_accelerate_run_keeps_weights_identical(shapes_data, tiny_tokenizer, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -583,7 +595,7 @@ def test_the_bundled_model_records_its_recipe():
     assert record == recipe_record(RECIPE)
     assert [stage["name"] for stage in record["stages"]] == [
         "dataset", "tokenizer", "tokenizer-continuous", "tokenizer-mixed", "ar64", "ar128", "ar128-first-token",
-        "head", "head-finetune", "head-continuous-last", "package", "evaluate"]
+        "head", "head-finetune", "head-continuous-last", "head-coarse-scales", "package", "evaluate"]
 
 
 @pytest.mark.skipif(not EMOJI_FONT.exists(), reason=f"emoji font not installed: {EMOJI_FONT}")

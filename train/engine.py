@@ -57,6 +57,8 @@ RESUMABLE_CHANGES = {"steps", "checkpoint_every", "checkpoint_minutes", "log_eve
 # ------------------------------------------------------------------ configs
 
 def _parse_value(text: str, kind: Any):
+    if isinstance(kind, str) and "|" in kind:  # an optional field ("int | None") parses as its type
+        kind = kind.split("|")[0].strip()
     if kind in (bool, "bool"):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
