@@ -25,10 +25,11 @@ RESIDUAL_SCALE = 0.6
 # --------------------------------------------------------------------------- network
 
 class ResBlock(nn.Module):
-    def __init__(self, width: int):
+    def __init__(self, width: int, hidden: int = 0):
         super().__init__()
+        hidden = hidden or width  # the official block: width -> width -> width
         self.in_ln = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -49,15 +50,16 @@ class FinalLayer(nn.Module):
 
 
 class DenoiserMLP(nn.Module):
-    """MLP with AdaLN: (x_t, t, z) -> [epsilon, variance interpolation v] (2 * token_dim)."""
+    """MLP with AdaLN: (x_t, t, z) -> [epsilon, variance interpolation v] (2 * token_dim).
+    `hidden` is the inner width of each block's MLP (0: `width`, as in the official head)."""
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int):
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, hidden: int = 0):
         super().__init__()
         self.token_dim = token_dim
         self.time_embed = TimestepEmbedder(width)
         self.cond_embed = nn.Linear(cond_dim, width)
         self.input_proj = nn.Linear(token_dim, width)
-        self.res_blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
+        self.res_blocks = nn.ModuleList(ResBlock(width, hidden) for _ in range(depth))
         self.final_layer = FinalLayer(width, 2 * token_dim)
         self.initialize_weights()
 
@@ -158,11 +160,13 @@ class ResidualDiffusionHead(nn.Module):
     """Owns the denoiser `net`; `loss` for training, `sample` for inference."""
 
     def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, sampling_steps: int = 8,
-                 residual_scale: float = RESIDUAL_SCALE):
+                 residual_scale: float = RESIDUAL_SCALE, hidden: int = 0):
         super().__init__()
         if residual_scale <= 0:
             raise ValueError(f"residual_scale must be positive, got {residual_scale}")
-        self.net = DenoiserMLP(token_dim, cond_dim, width, depth)
+        if hidden < 0:
+            raise ValueError(f"the head's hidden width must be >= 0 (0: its width), got {hidden}")
+        self.net = DenoiserMLP(token_dim, cond_dim, width, depth, hidden)
         self.sampling_steps = sampling_steps
         self.residual_scale = residual_scale
         self.train_schedule = Schedule.cosine(TRAIN_STEPS)

@@ -270,10 +270,10 @@ class HARTPipeline:
         states, positions = states.to(self.device), positions.to(self.device)
         given = None
         if opts.coarse_scales and resolution != self.default_resolution:
-            drawn = self.transformer.drawn_scales(self.schedules[resolution])
-            if opts.coarse_scales > drawn:
-                raise ValueError(f"coarse_scales {opts.coarse_scales}: the {resolution} px schedule draws only "
-                                 f"{drawn} scales")
+            scales = len(self.schedules[resolution])
+            if opts.coarse_scales > scales:
+                raise ValueError(f"coarse_scales {opts.coarse_scales}: the {resolution} px schedule has only "
+                                 f"{scales} scales")
             t_coarse = time.perf_counter()
             with self._no_grad():
                 given = self._coarse_scales(states, positions, resolution, opts, generator)

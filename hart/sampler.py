@@ -40,7 +40,8 @@ class SamplingOptions:
     residual_cfg: float | None = None
     # above the model's lowest resolution: the first N scales are not drawn but taken from the
     # lowest resolution's hybrid image (upsampled and re-encoded), so the low-resolution pass fixes
-    # what the image shows and the high-resolution scales add detail; 0 = one pass
+    # what the image shows and the high-resolution scales add detail; 0 = one pass. Counting a
+    # last scale left to the head, its codes condition the head (not the image)
     coarse_scales: int = 0
 
     def __post_init__(self):
@@ -245,7 +246,8 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
     without its residual (`sample_residual` adds it). CFG runs the conditional and unconditional
     rows as one batch; with cfg = 0 the unconditional half is skipped (same result). `given`
     holds the indices [B, pn^2] of the first scales: those are taken, not drawn (the transformer
-    still runs them, for its cache; they keep no logits)."""
+    still runs them, for its cache; they keep no logits). Given for every scale of a schedule whose
+    last scale is the head's alone, the last ones are the head's codes instead of zero codes."""
     opts.validate()
     sizes = list(scale_sizes)
     S, P = len(sizes), sizes[-1]
@@ -261,8 +263,8 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
     guided = opts.cfg != 0 and (len(given) < drawn_scales or opts.residual_cfg != 0)
     steps = ScaleSteps(transformer, context, position_ids, sizes, guided=guided)
 
-    if len(given) > drawn_scales:
-        raise ValueError(f"{len(given)} given scales for a schedule that draws {drawn_scales}")
+    if len(given) > S:
+        raise ValueError(f"{len(given)} given scales for a schedule of {S}")
     for si, idx in enumerate(given):
         if tuple(idx.shape) != (B, sizes[si] ** 2):
             raise ValueError(f"given scale {si}: indices of shape {tuple(idx.shape)}, expected {(B, sizes[si] ** 2)}")
@@ -292,8 +294,12 @@ def iter_sample(transformer: HARTTransformer, tokenizer: HybridTokenizer, contex
         fhat = fhat + quant.upsampled_scale(codes, si, sizes)
         yield si, fhat
 
-    # the head's condition takes the hard code even in "more smooth" mode, as the official sampler
-    word = None if continuous_last else codebook[idx].to(steps.dtype)
+    # the head's condition takes the hard code even in "more smooth" mode, as the official sampler;
+    # a continuous last scale has none, unless one is given (then it guides the head, not the image)
+    if continuous_last:
+        word = codebook[given[-1]].to(steps.dtype) if len(given) == S else None
+    else:
+        word = codebook[idx].to(steps.dtype)
     if word is not None and steps.guided:
         word = torch.cat([word, word])
     conditions = transformer.diffusion_condition(hidden, word)

@@ -36,6 +36,7 @@ class TransformerConfig:
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
     diff_width: int = 1024
     diff_depth: int = 6
+    diff_hidden: int = 0              # inner width of the head's block MLPs (0: diff_width, the official head)
     num_sampling_steps: int = 8
     residual_scale: float = RESIDUAL_SCALE  # residual / scale is what the head models: aim for std ~0.2
     resolution_sides: tuple[int, ...] = ()  # finest-grid sides with a learned text-slot vector (text_level)
@@ -211,7 +212,7 @@ class HARTTransformer(nn.Module):
         self.head = nn.Linear(C, cfg.vocab_size)
         self.decoder_norm = RMSNorm(C, cfg.norm_eps)
         self.diffloss = ResidualDiffusionHead(cfg.token_dim, C, cfg.diff_width, cfg.diff_depth,
-                                              cfg.num_sampling_steps, cfg.residual_scale)
+                                              cfg.num_sampling_steps, cfg.residual_scale, cfg.diff_hidden)
         # not in the official model (none there): one vector per trained resolution, zero at first
         self.resolution_embed = (nn.Parameter(torch.zeros(len(cfg.resolution_sides), C))
                                  if cfg.resolution_sides else None)

@@ -176,6 +176,32 @@ def test_a_continuous_last_scale_draws_no_tokens_there(pipe, cfg):
     assert (plain.head_condition - zero_code).abs().max() > 1e-3
 
 
+def test_a_given_code_on_a_continuous_last_scale_conditions_the_head_only(pipe):
+    """Every scale given (`coarse_scales` covering the whole schedule) on a model that leaves its last
+    scale to the head: the discrete latent still leaves that scale out, and the head's condition
+    carries the given code, as the plain model's carries its own, in sampling and teacher-forced."""
+    import dataclasses
+    from hart.transformer import HARTTransformer
+    from train.common import teacher_forced_condition
+    base, tok, sizes = pipe.transformer, pipe.tokenizer, pipe.schedules[64]
+    tf = HARTTransformer(dataclasses.replace(base.config, continuous_last_sides=(sizes[-1],))).eval()
+    tf.load_state_dict(base.state_dict())
+    states, _, positions = pipe.text_encoder(PROMPTS)
+    opts = SamplingOptions(cfg=0.0, top_k=8, diffusion_steps=2)
+    plain = sample(base, tok, states, positions, sizes, opts, torch.Generator().manual_seed(0))
+    hinted = sample(tf, tok, states, positions, sizes, opts, torch.Generator().manual_seed(0), given=plain.indices)
+    zero = sample(tf, tok, states, positions, sizes, opts, torch.Generator().manual_seed(0),
+                  given=plain.indices[:-1])
+    torch.testing.assert_close(hinted.fhat_discrete, zero.fhat_discrete)
+    torch.testing.assert_close(hinted.head_condition, plain.head_condition, atol=2e-4, rtol=2e-4)
+    assert (hinted.head_condition - zero.head_condition).abs().max() > 1e-3
+    with torch.no_grad():
+        forced = [teacher_forced_condition(tf, tok, states, positions, plain.indices, sizes, coarse)
+                  for coarse in (len(sizes) - 1, len(sizes))]
+    torch.testing.assert_close(forced[0], zero.head_condition, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(forced[1], hinted.head_condition, atol=2e-4, rtol=2e-4)
+
+
 def test_resolution_vectors_tell_resolutions_apart_and_keep_cache_parity(pipe):
     """Without a resolution signal the 1x1 token's logits come from the text alone, the same at
     every resolution. With learned vectors (zero: the same model) they differ, and the
@@ -639,7 +665,7 @@ def test_given_scales_are_taken_and_the_rest_drawn(pipe):
     torch.testing.assert_close(unguided.head_condition, plain.head_condition, atol=2e-4, rtol=2e-4)
     with pytest.raises(ValueError, match="given scale 1"):
         sample(pipe.transformer, pipe.tokenizer, states, positions, sizes, opts, given=[plain.indices[0]] * 2)
-    with pytest.raises(ValueError, match="draws 5"):
+    with pytest.raises(ValueError, match="6 given scales for a schedule of 5"):
         sample(pipe.transformer, pipe.tokenizer, states, positions, sizes, opts, given=plain.indices + [plain.indices[-1]])
 
 
@@ -669,7 +695,7 @@ def test_coarse_scales_come_from_the_lowest_resolution_image(pipe):
     # the lowest resolution has nothing to take its scales from: unchanged
     assert images_bytes(pipe("red apple", resolution=32, seed=4, coarse_scales=3)) == \
         images_bytes(pipe("red apple", resolution=32, seed=4))
-    with pytest.raises(ValueError, match="draws only 5 scales"):
+    with pytest.raises(ValueError, match="has only 5 scales"):
         pipe("red apple", resolution=64, seed=4, coarse_scales=6)
     with pytest.raises(ValueError, match="coarse_scales must be an integer >= 0"):
         pipe("red apple", resolution=64, seed=4, coarse_scales=-1)

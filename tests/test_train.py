@@ -341,6 +341,25 @@ def test_deepened_head_starts_as_the_same_function():
         deepen(head, 1)
 
 
+def test_widened_head_starts_as_the_same_function():
+    from hart.diffusion import ResidualDiffusionHead
+    from train.train_head import widen
+    torch.manual_seed(0)
+    head = ResidualDiffusionHead(token_dim=4, cond_dim=8, width=16, depth=2)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    grown = widen(head, 40)
+    assert [block.mlp[0].out_features for block in grown.net.res_blocks] == [40, 40]
+    assert grown.net.res_blocks[0].mlp[0].weight[16:].abs().sum() > 0  # new units are not dead
+    z = torch.randn(5, 8)
+    same = [h.sample(z, steps=4, generator=torch.Generator().manual_seed(1)) for h in (head, grown)]
+    assert torch.allclose(same[0], same[1], atol=1e-6)
+    with pytest.raises(ValueError, match="below"):
+        widen(head, 8)
+    with pytest.raises(ValueError, match="hidden width"):
+        ResidualDiffusionHead(token_dim=4, cond_dim=8, width=16, depth=2, hidden=-1)
+
+
 def test_head_training_changes_only_the_head_and_resumes(shapes_data, tiny_tokenizer, tmp_path):
     from train.train_head import HeadTrainConfig, train as train_head
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=6, checkpoint_every=6))
@@ -374,6 +393,12 @@ def test_head_training_changes_only_the_head_and_resumes(shapes_data, tiny_token
     wide = HARTPipeline.from_pretrained(tmp_path / "wide" / "model").transformer
     assert (wide.config.diff_width, wide.config.diff_depth) == (48, 2)
     assert wide.diffloss.net.input_proj.out_features == 48
+    # a wider inner layer: kept in the config, and the model loads with it
+    train_head(replace(cfg, model=str(tmp_path / "head" / "model"), out=str(tmp_path / "hidden"), diff_depth=0,
+                       diff_hidden=80, steps=2))
+    hidden = HARTPipeline.from_pretrained(tmp_path / "hidden" / "model").transformer
+    assert (hidden.config.diff_hidden, hidden.config.diff_depth) == (80, 3)
+    assert hidden.diffloss.net.res_blocks[2].mlp[2].in_features == 80
     # the unrolled-chain term, low timesteps and balanced pools train too
     train_head(replace(cfg, out=str(tmp_path / "unrolled"), unrolled_weight=1.0, balance_resolutions=True,
                        low_timestep_share=0.9, low_timestep_max=300, steps=20))

@@ -64,14 +64,17 @@ def load_tokenizer(path: str) -> HybridTokenizer:
 
 
 def teacher_forced_condition(transformer: HARTTransformer, tokenizer: HybridTokenizer, states: torch.Tensor,
-                             positions: torch.Tensor, indices: list[torch.Tensor], scales) -> torch.Tensor:
+                             positions: torch.Tensor, indices: list[torch.Tensor], scales,
+                             coarse_scales: int = 0) -> torch.Tensor:
     """The residual head's condition [B, P^2, C] for an image's true tokens `indices`: the
     teacher-forced transformer's last hidden state plus the embedding of the true last-scale codes
-    (zero codes where the model leaves the last scale to the head)."""
+    (zero codes where the model leaves the last scale to the head, unless `coarse_scales` covers
+    every scale: then the last codes, taken from the low-resolution image, condition the head)."""
     dtype = transformer.word_embed.weight.dtype
     inputs = tokenizer.quantize.teacher_forcing_inputs(indices, scales).to(dtype)
     _, hidden_last, _ = transformer(states.to(dtype), positions, inputs, scales)
-    codes = None if transformer.continuous_last(scales) else tokenizer.codebook[indices[-1]].to(dtype)
+    zero_codes = transformer.continuous_last(scales) and coarse_scales < len(scales)
+    codes = None if zero_codes else tokenizer.codebook[indices[-1]].to(dtype)
     return transformer.diffusion_condition(hidden_last, codes)
 
 

@@ -120,7 +120,7 @@ def residual_head_check(pipe, references: torch.Tensor, captions: list[str], sca
     indices, residual = head_tokens(tok, tf, images, scales, low, coarse_scales)
     fhat = tok.indices_to_fhat(indices, scales, continuous_last)
     states, _, positions = pipe.text_encoder([captions[int(i)] for i in picked])
-    z = teacher_forced_condition(tf, tok, states, positions, indices, scales)
+    z = teacher_forced_condition(tf, tok, states, positions, indices, scales, coarse_scales)
     predicted = tf.diffloss.sample(z.flatten(0, 1), steps=pipe.sampling_defaults.diffusion_steps,
                                    temperature=pipe.sampling_defaults.residual_temperature,
                                    generator=torch.Generator().manual_seed(seed)).view_as(residual)

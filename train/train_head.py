@@ -6,10 +6,11 @@ they are computed once per wording and cached; a step then runs the head alone, 
 runs the transformer forward on every step. One process.
 
 `--diff-width` other than the model's starts a new head; `--diff-depth` above the model's appends
-residual blocks whose zeroed modulation makes each one the identity at first, so training starts
-from the trained head's function. The log's `explained` is the share of the residual's variance
-that the head's temperature-0 sample explains on a fixed set of exact-caption tokens (the quantity
-that turns into residual gain in dB).
+residual blocks whose zeroed modulation makes each one the identity at first, and `--diff-hidden`
+above the model's widens every block's inner MLP layer with units whose outgoing weights start at
+zero: either way training starts from the trained head's function. The log's `explained` is the
+share of the residual's variance that the head's temperature-0 sample explains on a fixed set of
+exact-caption tokens (the quantity that turns into residual gain in dB).
 
 Two additions to the official loss, both off by default: `--low-timestep-share` draws that share
 of the training timesteps below `--low-timestep-max` (residual targets are small against unit noise,
@@ -52,6 +53,7 @@ class HeadTrainConfig(RunConfig):
     cond_drop: float = 0.1             # share of tokens conditioned on the empty prompt (CFG's other half)
     diff_depth: int = 0                # 0: the model's; more: append identity-initialised blocks
     diff_width: int = 0                # 0: the model's; another width starts a new head from scratch
+    diff_hidden: int = 0               # 0: the model's; more: widen each block's inner MLP layer (new units silent)
     residual_scale: float = 0.0        # 0: the model's; else the head models residual / this
     # finest-grid sides whose last scale the head takes over (no tokens drawn there; it models all
     # the coarser scales leave); None: the model's setting
@@ -109,10 +111,35 @@ def deepen(head: ResidualDiffusionHead, depth: int) -> ResidualDiffusionHead:
     if depth < len(net.res_blocks):
         raise ValueError(f"--diff-depth {depth} is below the model's head depth {len(net.res_blocks)}")
     width, cond_dim = net.input_proj.out_features, net.cond_embed.in_features
-    grown = ResidualDiffusionHead(net.token_dim, cond_dim, width, depth, head.sampling_steps, head.residual_scale)
+    grown = ResidualDiffusionHead(net.token_dim, cond_dim, width, depth, head.sampling_steps, head.residual_scale,
+                                  net.res_blocks[0].mlp[0].out_features)
     missing, unexpected = grown.load_state_dict(head.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("net.res_blocks.") for k in missing), (missing, unexpected)
     return grown  # new blocks: initialize_weights zeroed their modulation, so gate = 0
+
+
+def widen(head: ResidualDiffusionHead, hidden: int) -> ResidualDiffusionHead:
+    """A copy of `head` whose blocks' inner MLP layer has `hidden` units: the old units keep their
+    weights, the new ones get a fresh input layer and zero outgoing weights, so the copy computes
+    exactly what `head` does until training moves them."""
+    net = head.net
+    old = net.res_blocks[0].mlp[0].out_features
+    if hidden < old:
+        raise ValueError(f"--diff-hidden {hidden} is below the model's head hidden width {old}")
+    width, cond_dim = net.input_proj.out_features, net.cond_embed.in_features
+    grown = ResidualDiffusionHead(net.token_dim, cond_dim, width, len(net.res_blocks), head.sampling_steps,
+                                  head.residual_scale, hidden)
+    state = grown.state_dict()
+    for name, value in head.state_dict().items():
+        in_block = name.startswith("net.res_blocks.")
+        if in_block and name.endswith("mlp.2.weight"):  # outgoing weights [width, hidden]: new columns zero
+            state[name] = torch.cat([value, value.new_zeros(width, hidden - old)], 1)
+        elif in_block and name.endswith(("mlp.0.weight", "mlp.0.bias")):  # incoming: old rows kept, new fresh
+            state[name] = torch.cat([value, state[name][old:]])
+        else:
+            state[name] = value
+    grown.load_state_dict(state)
+    return grown
 
 
 def head_config(cfg: HeadTrainConfig, model: TransformerConfig) -> TransformerConfig:
@@ -120,6 +147,8 @@ def head_config(cfg: HeadTrainConfig, model: TransformerConfig) -> TransformerCo
     result = copy.deepcopy(model)
     result.diff_depth = cfg.diff_depth or model.diff_depth
     result.diff_width = cfg.diff_width or model.diff_width
+    new_width = cfg.diff_width and cfg.diff_width != model.diff_width  # a new head: its own hidden width
+    result.diff_hidden = cfg.diff_hidden if new_width else (cfg.diff_hidden or model.diff_hidden)
     result.residual_scale = cfg.residual_scale or model.residual_scale
     if cfg.continuous_last_sides is not None:
         result.continuous_last_sides = tuple(cfg.continuous_last_sides)
@@ -128,12 +157,16 @@ def head_config(cfg: HeadTrainConfig, model: TransformerConfig) -> TransformerCo
 
 def retrained_head(cfg: HeadTrainConfig, head: ResidualDiffusionHead,
                    model: TransformerConfig) -> ResidualDiffusionHead:
-    """The head this run trains: a new one at another width, a deepened copy, or the model's own."""
+    """The head this run trains: a new one at another width, a deepened or widened copy, or the model's own."""
     if cfg.diff_width and cfg.diff_width != model.diff_width:
         head = ResidualDiffusionHead(head.net.token_dim, head.net.cond_embed.in_features, cfg.diff_width,
-                                     cfg.diff_depth or model.diff_depth, head.sampling_steps, head.residual_scale)
-    elif cfg.diff_depth and cfg.diff_depth != model.diff_depth:
-        head = deepen(head, cfg.diff_depth)
+                                     cfg.diff_depth or model.diff_depth, head.sampling_steps, head.residual_scale,
+                                     cfg.diff_hidden)
+    else:
+        if cfg.diff_depth and cfg.diff_depth != model.diff_depth:
+            head = deepen(head, cfg.diff_depth)
+        if cfg.diff_hidden and cfg.diff_hidden != (model.diff_hidden or model.diff_width):
+            head = widen(head, cfg.diff_hidden)
     if cfg.residual_scale:
         head.residual_scale = cfg.residual_scale
     return head
@@ -183,7 +216,8 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
                     states, _, positions = pipe.text_encoder(wording_texts(dataset, ids, w))
                 else:  # the empty prompt
                     states, positions = torch.zeros_like(states), torch.zeros_like(positions)
-                per_wording.append(teacher_forced_condition(tf, tok, states, positions, indices, scales).half())
+                per_wording.append(teacher_forced_condition(tf, tok, states, positions, indices, scales,
+                                                                coarse).half())
             conditions.append(torch.stack(per_wording))
             residuals.append(residual.half())
         path.parent.mkdir(parents=True, exist_ok=True)
