@@ -202,6 +202,22 @@ def test_a_given_code_on_a_continuous_last_scale_conditions_the_head_only(pipe):
     torch.testing.assert_close(forced[1], hinted.head_condition, atol=2e-4, rtol=2e-4)
 
 
+def test_every_scale_given_draws_nothing_and_the_codes_enter_the_image(pipe):
+    """Every scale given on a model whose last scale holds tokens (the bundled model at 128 px): no
+    token is drawn, so another seed gives the same tokens, discrete latent and head condition; the
+    last codes are in the discrete latent and condition the head, as the drawn ones do."""
+    base, tok, sizes = pipe.transformer, pipe.tokenizer, pipe.schedules[64]
+    assert not base.continuous_last(sizes)
+    states, _, positions = pipe.text_encoder(PROMPTS)
+    opts = SamplingOptions(cfg=0.0, top_k=8, diffusion_steps=2)
+    plain = sample(base, tok, states, positions, sizes, opts, torch.Generator().manual_seed(0))
+    given = sample(base, tok, states, positions, sizes, opts, torch.Generator().manual_seed(1), given=plain.indices)
+    assert all(torch.equal(a, b) for a, b in zip(given.indices, plain.indices))
+    torch.testing.assert_close(given.fhat_discrete, tok.indices_to_fhat(plain.indices, sizes))
+    torch.testing.assert_close(given.head_condition, plain.head_condition, atol=2e-4, rtol=2e-4)
+    assert not torch.equal(given.residual, plain.residual)  # the head's noise still follows the seed
+
+
 def test_resolution_vectors_tell_resolutions_apart_and_keep_cache_parity(pipe):
     """Without a resolution signal the 1x1 token's logits come from the text alone, the same at
     every resolution. With learned vectors (zero: the same model) they differ, and the
@@ -701,20 +717,23 @@ def test_coarse_scales_come_from_the_lowest_resolution_image(pipe):
         pipe("red apple", resolution=64, seed=4, coarse_scales=-1)
 
 
-def test_head_tokens_with_coarse_scales_still_add_up_to_the_latent(pipe):
-    """The head's training targets built the sampler's way: the first scales are the low-resolution
-    image's, and the tokens plus the residual still give the image's own latent."""
+@pytest.mark.parametrize("coarse", [2, 5])
+def test_head_tokens_with_coarse_scales_still_add_up_to_the_latent(pipe, coarse):
+    """The head's training targets built the sampler's way: the first scales (or all of them) are the
+    low-resolution image's, and the tokens plus the residual still give the image's own latent."""
     from train.common import head_tokens
     tok, tf, sizes = pipe.tokenizer, pipe.transformer, pipe.schedules[64]
+    assert coarse <= len(sizes)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     low = torch.nn.functional.interpolate(images, size=(32, 32), mode="area")
     with torch.no_grad():
-        indices, residual = head_tokens(tok, tf, images, sizes, low, coarse_scales=2)
-        given = tok.coarse_indices(low, sizes, 2)
+        indices, residual = head_tokens(tok, tf, images, sizes, low, coarse_scales=coarse)
+        given = tok.coarse_indices(low, sizes, coarse)
         plain, _ = tok.encode(images, sizes)
         latent = tok.encode_latent(images)
         rebuilt = tok.indices_to_fhat(indices, sizes) + residual.transpose(1, 2).reshape_as(latent)
-    assert all(torch.equal(a, b) for a, b in zip(indices[:2], given))
+    assert len(indices) == len(sizes)
+    assert all(torch.equal(a, b) for a, b in zip(indices[:coarse], given))
     assert not all(torch.equal(a, b) for a, b in zip(indices, plain))
     torch.testing.assert_close(rebuilt, latent, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="lowest resolution"):
