@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .layers import TimestepEmbedder, modulate
 
@@ -157,20 +158,53 @@ class Schedule:
 # --------------------------------------------------------------------------- head
 
 class ResidualDiffusionHead(nn.Module):
-    """Owns the denoiser `net`; `loss` for training, `sample` for inference."""
+    """Owns the denoiser `net`; `loss` for training, `sample` for inference.
+
+    `context_kernel` k > 0 (not in the official head) adds a k x k convolution over the last
+    scale's grid of conditions, zero at first: each token's condition then also sees its
+    neighbours' hidden states and codes, which the block-causal transformer never shows it
+    (a last-scale token attends to the coarser scales only). `contextualize` applies it."""
 
     def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, sampling_steps: int = 8,
-                 residual_scale: float = RESIDUAL_SCALE, hidden: int = 0):
+                 residual_scale: float = RESIDUAL_SCALE, hidden: int = 0, context_kernel: int = 0):
         super().__init__()
         if residual_scale <= 0:
             raise ValueError(f"residual_scale must be positive, got {residual_scale}")
         if hidden < 0:
             raise ValueError(f"the head's hidden width must be >= 0 (0: its width), got {hidden}")
+        if context_kernel < 0 or (context_kernel and context_kernel % 2 == 0):
+            raise ValueError(f"the head's context kernel must be 0 or an odd size, got {context_kernel}")
         self.net = DenoiserMLP(token_dim, cond_dim, width, depth, hidden)
+        self.context_kernel = context_kernel
+        self.context = None
+        if context_kernel:
+            self.context = nn.Conv2d(cond_dim, cond_dim, context_kernel, padding=context_kernel // 2)
+            nn.init.zeros_(self.context.weight)
+            nn.init.zeros_(self.context.bias)
         self.sampling_steps = sampling_steps
         self.residual_scale = residual_scale
         self.train_schedule = Schedule.cosine(TRAIN_STEPS)
         self._schedules: dict[int, Schedule] = {}
+
+    # ---- the condition's neighbourhood
+    def contextualize(self, z: torch.Tensor) -> torch.Tensor:
+        """Conditions [B, P^2, C] on a square grid -> the same plus the context convolution's output."""
+        if self.context is None:
+            return z
+        B, n, C = z.shape
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"the head's context needs a square grid of conditions, got {n} tokens")
+        grid = z.transpose(1, 2).reshape(B, C, side, side)
+        return z + self.context(grid.to(self.context.weight.dtype)).flatten(2).transpose(1, 2).to(z.dtype)
+
+    def contextualize_neighbours(self, z: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """`contextualize` for scattered tokens: z [N, C] and their k x k neighbourhoods [N, k^2, C]
+        in row-major offset order, zero outside the grid (training draws tokens, not grids)."""
+        if self.context is None:
+            return z
+        flat = neighbours.transpose(1, 2).flatten(1)  # [N, C * k^2], the convolution's weight order
+        return z + F.linear(flat, self.context.weight.flatten(1), self.context.bias)
 
     def schedule(self, steps: int) -> Schedule:
         if steps not in self._schedules:

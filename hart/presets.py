@@ -38,7 +38,7 @@ def _emoji() -> Preset:
     tf = TransformerConfig(vocab_size=1024, token_dim=32, context_token=16, context_dim=384, embed_dim=256,
                            depth=6, num_heads=4, mlp_hidden=768, patch_nums=resolutions[128],
                            diff_width=512, diff_depth=4, residual_scale=0.15, resolution_sides=(8, 16),
-                           continuous_last_sides=(16,))
+                           continuous_last_sides=(16,), head_context=3)
     return Preset(tok, tf, text, resolutions,
                   {"cfg": 2.0, "top_k": 50, "top_p": 0.0, "temperature": 0.5, "diffusion_steps": 8,
                    "residual_temperature": 0.0, "residual_cfg": 0.0})

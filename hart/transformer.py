@@ -44,6 +44,9 @@ class TransformerConfig:
     # the head sees that scale's hidden states with a zero code, and models all the coarser scales
     # leave of the latent (for a last scale too fine for the transformer to predict token by token)
     continuous_last_sides: tuple[int, ...] = ()
+    # k > 0: the head's condition also sees a k x k neighbourhood of the last scale's conditions
+    # (ResidualDiffusionHead.context_kernel; 0 in the official model)
+    head_context: int = 0
 
     def __post_init__(self):
         self.patch_nums = tuple(self.patch_nums)
@@ -212,7 +215,8 @@ class HARTTransformer(nn.Module):
         self.head = nn.Linear(C, cfg.vocab_size)
         self.decoder_norm = RMSNorm(C, cfg.norm_eps)
         self.diffloss = ResidualDiffusionHead(cfg.token_dim, C, cfg.diff_width, cfg.diff_depth,
-                                              cfg.num_sampling_steps, cfg.residual_scale, cfg.diff_hidden)
+                                              cfg.num_sampling_steps, cfg.residual_scale, cfg.diff_hidden,
+                                              cfg.head_context)
         # not in the official model (none there): one vector per trained resolution, zero at first
         self.resolution_embed = (nn.Parameter(torch.zeros(len(cfg.resolution_sides), C))
                                  if cfg.resolution_sides else None)
@@ -256,12 +260,15 @@ class HARTTransformer(nn.Module):
     def logits(self, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(hidden.float(), pooled.float())).float()
 
-    def diffusion_condition(self, hidden_last: torch.Tensor, codes_last: torch.Tensor | None) -> torch.Tensor:
-        """z = decoder_norm(h + word_embed(code)) for each last-scale token; codes None = zero codes
-        (a last scale in `continuous_last_sides`, where no token is drawn)."""
+    def diffusion_condition(self, hidden_last: torch.Tensor, codes_last: torch.Tensor | None,
+                            context: bool = True) -> torch.Tensor:
+        """z = decoder_norm(h + word_embed(code)) for each last-scale token [B, P^2, C]; codes None =
+        zero codes (a last scale in `continuous_last_sides`, where no token is drawn). With `context`
+        the head's context convolution is applied (a no-op for heads without one)."""
         if codes_last is None:
             codes_last = hidden_last.new_zeros(*hidden_last.shape[:-1], self.config.token_dim)
-        return self.decoder_norm(hidden_last + self.word_embed(codes_last))
+        z = self.decoder_norm(hidden_last + self.word_embed(codes_last))
+        return self.diffloss.contextualize(z) if context else z
 
     def continuous_last(self, scale_sizes) -> bool:
         """Whether the residual head alone produces the last scale of this schedule."""

@@ -360,6 +360,38 @@ def test_widened_head_starts_as_the_same_function():
         ResidualDiffusionHead(token_dim=4, cond_dim=8, width=16, depth=2, hidden=-1)
 
 
+def test_head_context_sees_only_the_neighbours_and_training_builds_it_the_same_way():
+    from hart.diffusion import ResidualDiffusionHead
+    from train.train_head import neighbour_table, with_context
+    torch.manual_seed(0)
+    plain = ResidualDiffusionHead(token_dim=4, cond_dim=6, width=16, depth=2)
+    head = with_context(plain, 3)
+    grid = torch.randn(2, 16, 6)  # two 4x4 grids of conditions
+    assert torch.equal(head.contextualize(grid), grid)  # zero at first: the plain head's function
+    torch.nn.init.normal_(head.context.weight)
+    torch.nn.init.normal_(head.context.bias)
+    out = head.contextualize(grid)
+    near, far = grid.clone(), grid.clone()
+    near[0, 5] += 1   # (1, 1): a neighbour of (0, 0)
+    far[0, 15] += 1   # (3, 3): not one
+    assert not torch.allclose(head.contextualize(near)[0, 0], out[0, 0])
+    assert torch.allclose(head.contextualize(far)[0, 0], out[0, 0])
+    assert torch.equal(head.contextualize(far)[1], out[1])  # images stay apart
+    # train_head draws scattered tokens from pools of several grid sizes: the same conditions
+    other = torch.randn(3, 9, 6)  # three 3x3 grids after them
+    pool = torch.cat([grid.flatten(0, 1), other.flatten(0, 1)])
+    table, inside = neighbour_table([(2, 4), (3, 3)], 3)
+    scattered = head.contextualize_neighbours(pool, pool[table] * inside[..., None])
+    assert torch.allclose(scattered, torch.cat([out.flatten(0, 1), head.contextualize(other).flatten(0, 1)]),
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="square grid"):
+        head.contextualize(torch.randn(1, 10, 6))
+    with pytest.raises(ValueError, match="odd size"):
+        ResidualDiffusionHead(token_dim=4, cond_dim=6, width=16, depth=2, context_kernel=2)
+    with pytest.raises(ValueError, match="already has"):
+        with_context(head, 5)
+
+
 def test_head_training_changes_only_the_head_and_resumes(shapes_data, tiny_tokenizer, tmp_path):
     from train.train_head import HeadTrainConfig, train as train_head
     train_ar(ar_config(shapes_data, tiny_tokenizer, tmp_path / "ar", steps=6, checkpoint_every=6))
@@ -404,6 +436,15 @@ def test_head_training_changes_only_the_head_and_resumes(shapes_data, tiny_token
                        low_timestep_share=0.9, low_timestep_max=300, steps=20))
     lines = [json.loads(line) for line in (tmp_path / "unrolled" / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 20] and math.isfinite(lines[-1]["loss"])
+    # a context convolution: trained from zero on the same cache, saved, and used by the sampler
+    train_head(replace(cfg, out=str(tmp_path / "context"), cache=str(tmp_path / "head" / "cache"), head_context=3,
+                       steps=20))
+    assert len(list((tmp_path / "head" / "cache").glob("head_32_*.safetensors"))) == 1  # the raw conditions
+    context = HARTPipeline.from_pretrained(tmp_path / "context" / "model")
+    assert context.transformer.config.head_context == 3
+    assert context.transformer.diffloss.context.weight.abs().sum() > 0
+    images = [context("red square", resolution=32, seed=0).images[0] for _ in range(2)]
+    assert images[0].tobytes() == images[1].tobytes()
     # the head takes over the last scale: its targets are all the coarser scales leave, cached apart
     train_head(replace(cfg, out=str(tmp_path / "continuous"), cache=str(tmp_path / "head" / "cache"),
                        continuous_last_sides=(4,), steps=2))
@@ -620,7 +661,8 @@ def test_the_bundled_model_records_its_recipe():
     assert record == recipe_record(RECIPE)
     assert [stage["name"] for stage in record["stages"]] == [
         "dataset", "tokenizer", "tokenizer-continuous", "tokenizer-mixed", "ar64", "ar128", "ar128-first-token",
-        "head", "head-finetune", "head-continuous-last", "head-coarse-scales", "package", "evaluate"]
+        "head", "head-finetune", "head-continuous-last", "head-coarse-scales", "head-low-codes", "head-context",
+        "package", "evaluate"]
 
 
 @pytest.mark.skipif(not EMOJI_FONT.exists(), reason=f"emoji font not installed: {EMOJI_FONT}")

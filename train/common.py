@@ -65,17 +65,18 @@ def load_tokenizer(path: str) -> HybridTokenizer:
 
 def teacher_forced_condition(transformer: HARTTransformer, tokenizer: HybridTokenizer, states: torch.Tensor,
                              positions: torch.Tensor, indices: list[torch.Tensor], scales,
-                             coarse_scales: int = 0) -> torch.Tensor:
+                             coarse_scales: int = 0, context: bool = True) -> torch.Tensor:
     """The residual head's condition [B, P^2, C] for an image's true tokens `indices`: the
     teacher-forced transformer's last hidden state plus the embedding of the true last-scale codes
     (zero codes where the model leaves the last scale to the head, unless `coarse_scales` covers
-    every scale: then the last codes, taken from the low-resolution image, condition the head)."""
+    every scale: then the last codes, taken from the low-resolution image, condition the head).
+    `context` False leaves out the head's context convolution (what `train_head` caches)."""
     dtype = transformer.word_embed.weight.dtype
     inputs = tokenizer.quantize.teacher_forcing_inputs(indices, scales).to(dtype)
     _, hidden_last, _ = transformer(states.to(dtype), positions, inputs, scales)
     zero_codes = transformer.continuous_last(scales) and coarse_scales < len(scales)
     codes = None if zero_codes else tokenizer.codebook[indices[-1]].to(dtype)
-    return transformer.diffusion_condition(hidden_last, codes)
+    return transformer.diffusion_condition(hidden_last, codes, context)
 
 
 def head_tokens(tokenizer: HybridTokenizer, transformer: HARTTransformer, images: torch.Tensor, scales,

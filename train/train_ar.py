@@ -202,6 +202,7 @@ def transformer_config(cfg: ARTrainConfig, tokenizer: TokenizerConfig,
     tf_cfg.vocab_size, tf_cfg.token_dim = tokenizer.vocab_size, tokenizer.z_channels
     tf_cfg.patch_nums = scale_schedule(cfg.model_preset, cfg.resolution)
     tf_cfg.resolution_sides = ()
+    tf_cfg.head_context = 0  # this run drops last-scale tokens, so no grid: train_head adds the context
     init_path = Path(cfg.init_from) / "transformer" / "config.json"
     if init is None and cfg.init_from and init_path.is_file():
         init = config_from_dict(TransformerConfig, read_json(init_path), str(init_path))

@@ -8,7 +8,9 @@ runs the transformer forward on every step. One process.
 `--diff-width` other than the model's starts a new head; `--diff-depth` above the model's appends
 residual blocks whose zeroed modulation makes each one the identity at first, and `--diff-hidden`
 above the model's widens every block's inner MLP layer with units whose outgoing weights start at
-zero: either way training starts from the trained head's function. The log's `explained` is the
+zero: either way training starts from the trained head's function, as it does with `--head-context k`,
+which adds a zero-initialised k x k convolution over the last scale's grid of conditions (its tokens are
+drawn scattered, so each one's neighbourhood is gathered from the cache). The log's `explained` is the
 share of the residual's variance that the head's temperature-0 sample explains on a fixed set of
 exact-caption tokens (the quantity that turns into residual gain in dB).
 
@@ -27,6 +29,7 @@ import copy
 from dataclasses import dataclass
 import hashlib
 import json
+import math
 from pathlib import Path
 import sys
 
@@ -55,6 +58,12 @@ class HeadTrainConfig(RunConfig):
     diff_width: int = 0                # 0: the model's; another width starts a new head from scratch
     diff_hidden: int = 0               # 0: the model's; more: widen each block's inner MLP layer (new units silent)
     residual_scale: float = 0.0        # 0: the model's; else the head models residual / this
+    # k > 0: give the head a k x k convolution over the last scale's conditions (zero at first, so
+    # training starts from the head's function); None: the model's setting
+    head_context: int | None = None
+    # the context convolution's lr relative to --lr: it sums k^2 x C inputs, so Adam's per-weight
+    # steps at the head's lr move its output far faster than any other layer's
+    context_lr_multiplier: float = 0.05
     # finest-grid sides whose last scale the head takes over (no tokens drawn there; it models all
     # the coarser scales leave); None: the model's setting
     continuous_last_sides: tuple | None = None
@@ -112,7 +121,7 @@ def deepen(head: ResidualDiffusionHead, depth: int) -> ResidualDiffusionHead:
         raise ValueError(f"--diff-depth {depth} is below the model's head depth {len(net.res_blocks)}")
     width, cond_dim = net.input_proj.out_features, net.cond_embed.in_features
     grown = ResidualDiffusionHead(net.token_dim, cond_dim, width, depth, head.sampling_steps, head.residual_scale,
-                                  net.res_blocks[0].mlp[0].out_features)
+                                  net.res_blocks[0].mlp[0].out_features, head.context_kernel)
     missing, unexpected = grown.load_state_dict(head.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("net.res_blocks.") for k in missing), (missing, unexpected)
     return grown  # new blocks: initialize_weights zeroed their modulation, so gate = 0
@@ -128,7 +137,7 @@ def widen(head: ResidualDiffusionHead, hidden: int) -> ResidualDiffusionHead:
         raise ValueError(f"--diff-hidden {hidden} is below the model's head hidden width {old}")
     width, cond_dim = net.input_proj.out_features, net.cond_embed.in_features
     grown = ResidualDiffusionHead(net.token_dim, cond_dim, width, len(net.res_blocks), head.sampling_steps,
-                                  head.residual_scale, hidden)
+                                  head.residual_scale, hidden, head.context_kernel)
     state = grown.state_dict()
     for name, value in head.state_dict().items():
         in_block = name.startswith("net.res_blocks.")
@@ -142,6 +151,23 @@ def widen(head: ResidualDiffusionHead, hidden: int) -> ResidualDiffusionHead:
     return grown
 
 
+def with_context(head: ResidualDiffusionHead, kernel: int) -> ResidualDiffusionHead:
+    """A copy of `head` with a `kernel` x `kernel` context convolution, zero at first (the head's
+    function unchanged); a head that has one keeps it."""
+    if kernel == head.context_kernel:
+        return head
+    if head.context_kernel:
+        raise ValueError(f"--head-context {kernel}: the head already has a {head.context_kernel} x "
+                         f"{head.context_kernel} context")
+    net = head.net
+    grown = ResidualDiffusionHead(net.token_dim, net.cond_embed.in_features, net.input_proj.out_features,
+                                  len(net.res_blocks), head.sampling_steps, head.residual_scale,
+                                  net.res_blocks[0].mlp[0].out_features, kernel)
+    missing, unexpected = grown.load_state_dict(head.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("context.") for k in missing), (missing, unexpected)
+    return grown
+
+
 def head_config(cfg: HeadTrainConfig, model: TransformerConfig) -> TransformerConfig:
     """The transformer config after this run: the model's, with the head's new width, depth and units."""
     result = copy.deepcopy(model)
@@ -150,6 +176,8 @@ def head_config(cfg: HeadTrainConfig, model: TransformerConfig) -> TransformerCo
     new_width = cfg.diff_width and cfg.diff_width != model.diff_width  # a new head: its own hidden width
     result.diff_hidden = cfg.diff_hidden if new_width else (cfg.diff_hidden or model.diff_hidden)
     result.residual_scale = cfg.residual_scale or model.residual_scale
+    if cfg.head_context is not None:
+        result.head_context = cfg.head_context
     if cfg.continuous_last_sides is not None:
         result.continuous_last_sides = tuple(cfg.continuous_last_sides)
     return result
@@ -161,12 +189,14 @@ def retrained_head(cfg: HeadTrainConfig, head: ResidualDiffusionHead,
     if cfg.diff_width and cfg.diff_width != model.diff_width:
         head = ResidualDiffusionHead(head.net.token_dim, head.net.cond_embed.in_features, cfg.diff_width,
                                      cfg.diff_depth or model.diff_depth, head.sampling_steps, head.residual_scale,
-                                     cfg.diff_hidden)
+                                     cfg.diff_hidden, head.context_kernel)
     else:
         if cfg.diff_depth and cfg.diff_depth != model.diff_depth:
             head = deepen(head, cfg.diff_depth)
         if cfg.diff_hidden and cfg.diff_hidden != (model.diff_hidden or model.diff_width):
             head = widen(head, cfg.diff_hidden)
+    if cfg.head_context is not None:
+        head = with_context(head, cfg.head_context)
     if cfg.residual_scale:
         head.residual_scale = cfg.residual_scale
     return head
@@ -217,7 +247,7 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
                 else:  # the empty prompt
                     states, positions = torch.zeros_like(states), torch.zeros_like(positions)
                 per_wording.append(teacher_forced_condition(tf, tok, states, positions, indices, scales,
-                                                                coarse).half())
+                                                            coarse, context=False).half())
             conditions.append(torch.stack(per_wording))
             residuals.append(residual.half())
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,6 +255,25 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
     pool = read_weights(path)
     pool["residuals"] = pool["residuals"].float()
     return pool
+
+
+def neighbour_table(grids: list[tuple[int, int]], kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For pools of `grids` = [(images, side)] laid end to end, each image's side x side tokens in
+    row-major order: every token's k x k neighbours' pool indices [T, k^2] (row-major offsets, the
+    context convolution's order) and whether each lies inside its image's grid [T, k^2]."""
+    half = kernel // 2
+    offsets = torch.arange(-half, half + 1)
+    dr, dc = offsets.repeat_interleave(kernel), offsets.repeat(kernel)
+    tables, inside, start = [], [], 0
+    for images, side in grids:
+        token = torch.arange(images * side * side)
+        image, row, col = token // (side * side), token % (side * side) // side, token % side
+        r, c = row[:, None] + dr, col[:, None] + dc
+        valid = (r >= 0) & (r < side) & (c >= 0) & (c < side)
+        tables.append(start + image[:, None] * side * side + r.clamp(0, side - 1) * side + c.clamp(0, side - 1))
+        inside.append(valid)
+        start += images * side * side
+    return torch.cat(tables), torch.cat(inside)
 
 
 def pick_tokens(pool_ends: torch.Tensor, count: int, balance: bool, generator: torch.Generator) -> torch.Tensor:
@@ -278,12 +327,30 @@ def train(cfg: HeadTrainConfig) -> dict:
     residuals = torch.cat([part["residuals"].flatten(0, 1) for part in parts])
     pool_ends = torch.tensor([part["residuals"].shape[0] * part["residuals"].shape[1] for part in parts]).cumsum(0)
     eval_ids = torch.randperm(int(pool_ends[-1]), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.eval_tokens]
+    neighbours = None
+    if head.context_kernel:
+        grids = [(part["residuals"].shape[0], math.isqrt(part["residuals"].shape[1])) for part in parts]
+        neighbours = neighbour_table(grids, head.context_kernel)
+
+    def condition(trained: ResidualDiffusionHead, wording: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+        """The head's condition for pool tokens `picked` under wordings `wording` (context included)."""
+        z = conditions[wording, picked].float()
+        if neighbours is None:
+            return z
+        table, inside = neighbours[0][picked], neighbours[1][picked]
+        around = conditions[wording[:, None], table].float() * inside[..., None]
+        return trained.contextualize_neighbours(z, around)
 
     def explained(trained: ResidualDiffusionHead) -> float:
-        return round(explained_variance(trained, conditions[0, eval_ids].float(), residuals[eval_ids]), 4)
+        first = torch.zeros_like(eval_ids)
+        with torch.no_grad():
+            z = condition(trained, first, eval_ids)
+        return round(explained_variance(trained, z, residuals[eval_ids]), 4)
 
     ema = EMA(head, cfg.ema_decay)
-    optimizer = adamw_decaying_matrices(head, cfg.lr, cfg.weight_decay)
+    optimizer = adamw_decaying_matrices(head, cfg.lr, cfg.weight_decay,
+                                        {name: cfg.context_lr_multiplier for name, _ in head.named_parameters()
+                                         if name.startswith("context.")})
     engine.resume(head, optimizer, ema)
     model, optimizer = engine.prepare(head, optimizer)
     accelerator = engine.accelerator
@@ -294,12 +361,13 @@ def train(cfg: HeadTrainConfig) -> dict:
         picked = pick_tokens(pool_ends, cfg.batch_tokens, cfg.balance_resolutions, g)
         wording = torch.randint(0, cfg.wordings, (cfg.batch_tokens,), generator=g)
         wording[torch.rand(cfg.batch_tokens, generator=g) < cfg.cond_drop] = cfg.wordings  # empty prompt
-        z, target = conditions[wording, picked].float(), residuals[picked]
-        prompted = wording < cfg.wordings  # the empty prompt's rows only teach CFG's other half
         trained_head = unwrap(accelerator, model)
+        target = residuals[picked]
+        prompted = wording < cfg.wordings  # the empty prompt's rows only teach CFG's other half
         timesteps = (low_timesteps(len(target), cfg.low_timestep_share, cfg.low_timestep_max, g)
                      if cfg.low_timestep_share else None)
         with accelerator.autocast():
+            z = condition(trained_head, wording, picked)
             loss = trained_head.loss(target, z, timesteps, generator=g)
             if cfg.unrolled_weight:
                 loss = loss + cfg.unrolled_weight * unrolled_chain_loss(trained_head, target[prompted], z[prompted],
