@@ -114,14 +114,23 @@ def unrolled_chain_loss(head: ResidualDiffusionHead, target: torch.Tensor, z: to
 
 # ------------------------------------------------------------------ the head and its data
 
+def fresh_like(head: ResidualDiffusionHead, depth: int | None = None, hidden: int | None = None,
+               context_kernel: int | None = None) -> ResidualDiffusionHead:
+    """A freshly initialised head of `head`'s shape and settings, with the given ones changed."""
+    net = head.net
+    return ResidualDiffusionHead(
+        net.token_dim, net.cond_embed.in_features, net.input_proj.out_features,
+        len(net.res_blocks) if depth is None else depth, head.sampling_steps, head.residual_scale,
+        net.res_blocks[0].mlp[0].out_features if hidden is None else hidden,
+        head.context_kernel if context_kernel is None else context_kernel)
+
+
 def deepen(head: ResidualDiffusionHead, depth: int) -> ResidualDiffusionHead:
     """A copy of `head` with `depth` residual blocks; the added ones start as the identity."""
     net = head.net
     if depth < len(net.res_blocks):
         raise ValueError(f"--diff-depth {depth} is below the model's head depth {len(net.res_blocks)}")
-    width, cond_dim = net.input_proj.out_features, net.cond_embed.in_features
-    grown = ResidualDiffusionHead(net.token_dim, cond_dim, width, depth, head.sampling_steps, head.residual_scale,
-                                  net.res_blocks[0].mlp[0].out_features, head.context_kernel)
+    grown = fresh_like(head, depth=depth)
     missing, unexpected = grown.load_state_dict(head.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("net.res_blocks.") for k in missing), (missing, unexpected)
     return grown  # new blocks: initialize_weights zeroed their modulation, so gate = 0
@@ -135,9 +144,8 @@ def widen(head: ResidualDiffusionHead, hidden: int) -> ResidualDiffusionHead:
     old = net.res_blocks[0].mlp[0].out_features
     if hidden < old:
         raise ValueError(f"--diff-hidden {hidden} is below the model's head hidden width {old}")
-    width, cond_dim = net.input_proj.out_features, net.cond_embed.in_features
-    grown = ResidualDiffusionHead(net.token_dim, cond_dim, width, len(net.res_blocks), head.sampling_steps,
-                                  head.residual_scale, hidden, head.context_kernel)
+    width = net.input_proj.out_features
+    grown = fresh_like(head, hidden=hidden)
     state = grown.state_dict()
     for name, value in head.state_dict().items():
         in_block = name.startswith("net.res_blocks.")
@@ -159,10 +167,7 @@ def with_context(head: ResidualDiffusionHead, kernel: int) -> ResidualDiffusionH
     if head.context_kernel:
         raise ValueError(f"--head-context {kernel}: the head already has a {head.context_kernel} x "
                          f"{head.context_kernel} context")
-    net = head.net
-    grown = ResidualDiffusionHead(net.token_dim, net.cond_embed.in_features, net.input_proj.out_features,
-                                  len(net.res_blocks), head.sampling_steps, head.residual_scale,
-                                  net.res_blocks[0].mlp[0].out_features, kernel)
+    grown = fresh_like(head, context_kernel=kernel)
     missing, unexpected = grown.load_state_dict(head.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("context.") for k in missing), (missing, unexpected)
     return grown
