@@ -246,7 +246,7 @@ class HARTPipeline:
                num_images: int = 1, top_k: int | list[int] | None = None, top_p: float | None = None,
                temperature: float | None = None, more_smooth: bool | None = None,
                residual_temperature: float | None = None, residual_cfg: float | None = None,
-               coarse_scales: int | None = None, previews: bool = True,
+               coarse_scales: int | None = None, coarse_remainder: bool | None = None, previews: bool = True,
                decode_discrete: bool = True) -> Iterator[tuple[int, list[Image.Image]] | GenerationResult]:
         """Yield (scale index, decoded preview images) after every scale, then the result.
 
@@ -256,7 +256,8 @@ class HARTPipeline:
             prompt, resolution, num_images, seed,
             dict(cfg=cfg, diffusion_steps=diffusion_steps, use_residual=use_residual, top_k=top_k,
                  top_p=top_p, temperature=temperature, more_smooth=more_smooth,
-                 residual_temperature=residual_temperature, residual_cfg=residual_cfg, coarse_scales=coarse_scales))
+                 residual_temperature=residual_temperature, residual_cfg=residual_cfg, coarse_scales=coarse_scales,
+                 coarse_remainder=coarse_remainder))
         # one generator per image, seeded seed, seed + 1, ...: each image is the one its seed
         # gives alone, whatever else is in the batch
         generator = [torch.Generator(self.device).manual_seed(s) for s in seeds]
@@ -268,15 +269,18 @@ class HARTPipeline:
             states, _, positions = self.text_encoder(prompts)
         timings["text"] = time.perf_counter() - start
         states, positions = states.to(self.device), positions.to(self.device)
-        given = None
+        given = remainder = None
         if opts.coarse_scales and resolution != self.default_resolution:
-            scales = len(self.schedules[resolution])
-            if opts.coarse_scales > scales:
+            schedule = self.schedules[resolution]
+            if opts.coarse_scales > len(schedule):
                 raise ValueError(f"coarse_scales {opts.coarse_scales}: the {resolution} px schedule has only "
-                                 f"{scales} scales")
+                                 f"{len(schedule)} scales")
+            if opts.coarse_remainder and opts.coarse_scales < len(schedule):
+                raise ValueError(f"coarse_remainder needs every scale of the {resolution} px schedule taken from "
+                                 f"the {self.default_resolution} px image (coarse_scales {len(schedule)})")
             t_coarse = time.perf_counter()
             with self._no_grad():
-                given = self._coarse_scales(states, positions, resolution, opts, generator)
+                given, remainder = self._coarse_scales(states, positions, resolution, opts, generator)
             timings["coarse"] = time.perf_counter() - t_coarse
         t_tokens = time.perf_counter()
         steps = iter_sample(self.transformer, self.tokenizer, states, positions, self.schedules[resolution], opts,
@@ -299,6 +303,8 @@ class HARTPipeline:
         if opts.use_residual:
             with self._no_grad():
                 output.residual = sample_residual(self.transformer, output, opts, generator)
+                if remainder is not None:
+                    output.residual = output.residual + remainder.to(output.residual.dtype)
         timings["diffusion"] = time.perf_counter() - t_head
         t_dec = time.perf_counter()
         with self._no_grad():
@@ -316,15 +322,19 @@ class HARTPipeline:
                                discrete_images=discrete_images,
                                seed=seeds[0], seeds=seeds, resolution=resolution, timings=timings)
 
-    def _coarse_scales(self, states, positions, resolution: int, opts: SamplingOptions, generator) -> list:
+    def _coarse_scales(self, states, positions, resolution: int, opts: SamplingOptions,
+                       generator) -> tuple[list, torch.Tensor | None]:
         """Indices of the first `opts.coarse_scales` scales at `resolution`: a whole generation at
         the lowest resolution (drawing from the same generators first; with the residual head when
-        `opts.use_residual`), decoded, upsampled bicubically and encoded at `resolution`."""
+        `opts.use_residual`), decoded, upsampled bicubically and encoded at `resolution`; and, with
+        `opts.coarse_remainder`, the continuous remainder of that encoding (else None)."""
         low = self.default_resolution
         tokens = sample(self.transformer, self.tokenizer, states, positions, self.schedules[low],
                         replace(opts, coarse_scales=0), generator)
         image = self.tokenizer.decode(tokens.fhat_discrete, tokens.residual)
-        return self.tokenizer.coarse_indices(image, self.schedules[resolution], opts.coarse_scales)
+        schedule = self.schedules[resolution]
+        indices, remainder = self.tokenizer.encode_upsampled(image, schedule, self.transformer.continuous_last(schedule))
+        return indices[:opts.coarse_scales], remainder if opts.coarse_remainder else None
 
     def __call__(self, prompt: str | list[str], **kwargs) -> GenerationResult:
         for item in self.stream(prompt, previews=False, **kwargs):

@@ -43,6 +43,12 @@ class SamplingOptions:
     # what the image shows and the high-resolution scales add detail; 0 = one pass. Counting a
     # last scale left to the head, its codes condition the head (not the image)
     coarse_scales: int = 0
+    # with every scale taken from the lowest resolution's image: keep that image's whole re-encoded
+    # latent, its continuous remainder after the image's codes (all scales', or the coarser ones'
+    # where the last scale is the head's) joining the residual tokens, so the head adds only what
+    # the higher resolution holds beyond the upsampled image (a head trained for it: train_head
+    # --coarse-remainder)
+    coarse_remainder: bool = False
 
     def __post_init__(self):
         if isinstance(self.top_k, (list, tuple)):
@@ -70,6 +76,8 @@ class SamplingOptions:
              f"residual_cfg must be None or a finite number >= 0, got {self.residual_cfg}"),
             (isinstance(self.coarse_scales, int) and not isinstance(self.coarse_scales, bool)
              and self.coarse_scales >= 0, f"coarse_scales must be an integer >= 0, got {self.coarse_scales}"),
+            (isinstance(self.coarse_remainder, bool),
+             f"coarse_remainder must be true or false, got {self.coarse_remainder!r}"),
         ]
         for ok, message in checks:
             if not ok:

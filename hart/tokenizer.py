@@ -363,15 +363,21 @@ class HybridTokenizer(nn.Module):
     def indices_to_fhat(self, indices, scale_sizes, continuous_last: bool = False) -> torch.Tensor:
         return self.quantize.indices_to_fhat(indices, scale_sizes, continuous_last)
 
-    def coarse_indices(self, low_images: torch.Tensor, scale_sizes, count: int) -> list[torch.Tensor]:
-        """The first `count` scales' indices for images of a lower resolution: upsampled bicubically
-        to the resolution of `scale_sizes` and encoded there. A generation above a model's lowest
-        resolution can take its coarse scales from the lowest one's image this way, and its head is
-        trained on the same construction from the dataset's low-resolution images."""
+    def encode_upsampled(self, low_images: torch.Tensor, scale_sizes,
+                         continuous_last: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Images of a lower resolution, upsampled bicubically to the resolution of `scale_sizes` and
+        encoded there: (every scale's indices, the continuous remainder [B, P*P, C] after them, or
+        with `continuous_last` after all but the last scale, as `encode`). A generation above a
+        model's lowest resolution can take its scales from the lowest one's image this way
+        (`SamplingOptions.coarse_scales`, `coarse_remainder`), and its head is trained on the same
+        construction from the dataset's low-resolution images."""
         side = scale_sizes[-1] * self.config.downsample
         up = F.interpolate(low_images.float(), size=(side, side), mode="bicubic").clamp(-1, 1)
-        indices, _ = self.quantize.encode(self.encode_latent(up.to(self.codebook.dtype)), scale_sizes)
-        return indices[:count]
+        return self.encode(up.to(self.codebook.dtype), scale_sizes, continuous_last)
+
+    def coarse_indices(self, low_images: torch.Tensor, scale_sizes, count: int) -> list[torch.Tensor]:
+        """The first `count` scales' indices of `encode_upsampled`."""
+        return self.encode_upsampled(low_images, scale_sizes)[0][:count]
 
     def decode(self, fhat: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Latent (plus optional residual tokens [B, P*P, C]) -> image in [-1, 1]."""

@@ -717,8 +717,45 @@ def test_coarse_scales_come_from_the_lowest_resolution_image(pipe):
         pipe("red apple", resolution=64, seed=4, coarse_scales=-1)
 
 
+@pytest.mark.parametrize("last_to_head", [False, True])
+def test_coarse_remainder_keeps_the_lowest_resolution_image_whole(pipe, monkeypatch, last_to_head):
+    """With every scale taken from the lowest resolution's image, `coarse_remainder` adds that
+    image's continuous remainder to the head's residual: with the head silenced, the hybrid image is
+    the upsampled low image's whole latent decoded; the discrete image is the same as without it.
+    Where the last scale is the head's, its codes stay out of both and the remainder holds that scale."""
+    import hart.pipeline as pipeline_module
+    from train.common import images_to_tensor
+    if last_to_head:
+        monkeypatch.setattr(pipe.transformer.config, "continuous_last_sides", (8,))
+    kwargs = dict(resolution=64, seed=4, top_k=8, diffusion_steps=2, coarse_scales=5)
+    codes_only = pipe("red apple", **kwargs)
+    with_head = pipe("red apple", coarse_remainder=True, **kwargs)
+    assert [im.tobytes() for im in with_head.discrete_images] == [im.tobytes() for im in codes_only.discrete_images]
+    assert images_bytes(with_head) != images_bytes(codes_only)
+
+    def silent_head(transformer, tokens, opts, generator=None, noise=None):
+        return torch.zeros(*tokens.head_condition.shape[:2], transformer.config.token_dim)
+
+    monkeypatch.setattr(pipeline_module, "sample_residual", silent_head)
+    silenced = pipe("red apple", coarse_remainder=True, **kwargs)
+    # by hand: the 32 px generation from the same generator, upsampled, its whole latent decoded
+    opts = SamplingOptions(**{**vars(pipe.sampling_defaults), "top_k": 8, "diffusion_steps": 2})
+    states, _, positions = pipe.text_encoder(["red apple"])
+    tok = pipe.tokenizer
+    with torch.no_grad():
+        low = sample(pipe.transformer, tok, states, positions, pipe.schedules[32], opts,
+                     [torch.Generator().manual_seed(4)])
+        low_image = tok.decode(low.fhat_discrete, low.residual)
+        up = torch.nn.functional.interpolate(low_image, size=(64, 64), mode="bicubic").clamp(-1, 1)
+        whole = images_to_tensor(to_pil(tok.decode(tok.encode_latent(up))))
+    assert (images_to_tensor(silenced.images) - whole).abs().max() <= 2 / 127.5
+    assert (images_to_tensor(silenced.images) - images_to_tensor(codes_only.discrete_images)).abs().max() > 8 / 127.5
+    with pytest.raises(ValueError, match="coarse_remainder needs every scale"):
+        pipe("red apple", resolution=64, seed=4, coarse_scales=4, coarse_remainder=True)
+
+
 @pytest.mark.parametrize("coarse", [2, 5])
-def test_head_tokens_with_coarse_scales_still_add_up_to_the_latent(pipe, coarse):
+def test_head_tokens_with_coarse_scales_still_add_up_to_the_latent(pipe, coarse, monkeypatch):
     """The head's training targets built the sampler's way: the first scales (or all of them) are the
     low-resolution image's, and the tokens plus the residual still give the image's own latent."""
     from train.common import head_tokens
@@ -738,3 +775,21 @@ def test_head_tokens_with_coarse_scales_still_add_up_to_the_latent(pipe, coarse)
     torch.testing.assert_close(rebuilt, latent, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="lowest resolution"):
         head_tokens(tok, tf, images, sizes, None, coarse_scales=2)
+    if coarse < len(sizes):
+        with pytest.raises(ValueError, match="coarse_remainder needs"):
+            head_tokens(tok, tf, images, sizes, low, coarse_scales=coarse, coarse_remainder=True)
+        return
+    # with the low image's remainder kept, the target is what the image holds beyond its whole latent,
+    # the same whether the last scale's codes are in the image or the head's
+    targets = []
+    for last in ((), (sizes[-1],)):
+        monkeypatch.setattr(tf.config, "continuous_last_sides", last)
+        with torch.no_grad():
+            kept, beyond = head_tokens(tok, tf, images, sizes, low, coarse_scales=coarse, coarse_remainder=True)
+            _, low_remainder = tok.encode_upsampled(low, sizes, bool(last))
+            rebuilt = (tok.indices_to_fhat(kept, sizes, bool(last))
+                       + (low_remainder + beyond).transpose(1, 2).reshape_as(latent))
+        assert all(torch.equal(a, b) for a, b in zip(kept, indices))
+        torch.testing.assert_close(rebuilt, latent, atol=1e-4, rtol=1e-4)
+        targets.append(beyond)
+    torch.testing.assert_close(targets[0], targets[1], atol=1e-4, rtol=1e-4)

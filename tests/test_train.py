@@ -662,7 +662,7 @@ def test_the_bundled_model_records_its_recipe():
     assert [stage["name"] for stage in record["stages"]] == [
         "dataset", "tokenizer", "tokenizer-continuous", "tokenizer-mixed", "ar64", "ar128", "ar128-first-token",
         "head", "head-finetune", "head-continuous-last", "head-coarse-scales", "head-low-codes", "head-context",
-        "package", "evaluate"]
+        "head-low-latent", "package", "evaluate"]
 
 
 @pytest.mark.skipif(not EMOJI_FONT.exists(), reason=f"emoji font not installed: {EMOJI_FONT}")

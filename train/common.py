@@ -80,16 +80,22 @@ def teacher_forced_condition(transformer: HARTTransformer, tokenizer: HybridToke
 
 
 def head_tokens(tokenizer: HybridTokenizer, transformer: HARTTransformer, images: torch.Tensor, scales,
-                low_images: torch.Tensor | None = None, coarse_scales: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+                low_images: torch.Tensor | None = None, coarse_scales: int = 0,
+                coarse_remainder: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
     """True indices and residual targets of `images` as the sampler meets them: with `coarse_scales`,
     the first scales come from `low_images` (the same images at the model's lowest resolution),
-    upsampled and re-encoded, and the later scales and the residual take what those leave."""
-    given = None
-    if coarse_scales:
-        if low_images is None or len(low_images) != len(images):
-            raise ValueError(f"coarse_scales {coarse_scales} needs the same images at the lowest resolution")
-        given = tokenizer.coarse_indices(low_images, scales, coarse_scales)
-    return tokenizer.encode(images, scales, transformer.continuous_last(scales), given)
+    upsampled and re-encoded, and the later scales and the residual take what those leave; with
+    `coarse_remainder` the residual target is what the images hold beyond that whole re-encoding."""
+    if not coarse_scales:
+        return tokenizer.encode(images, scales, transformer.continuous_last(scales))
+    if low_images is None or len(low_images) != len(images):
+        raise ValueError(f"coarse_scales {coarse_scales} needs the same images at the lowest resolution")
+    if coarse_remainder and coarse_scales < len(scales):
+        raise ValueError(f"coarse_remainder needs coarse_scales {len(scales)} (every scale from the low image)")
+    continuous_last = transformer.continuous_last(scales)
+    low_indices, low_remainder = tokenizer.encode_upsampled(low_images, scales, continuous_last)
+    indices, residual = tokenizer.encode(images, scales, continuous_last, low_indices[:coarse_scales])
+    return indices, residual - low_remainder if coarse_remainder else residual
 
 
 def images_to_tensor(images) -> torch.Tensor:

@@ -107,18 +107,22 @@ def reconstruction_retrieval(tokenizer, references: torch.Tensor, database: torc
 
 @torch.no_grad()
 def residual_head_check(pipe, references: torch.Tensor, captions: list[str], scales, count: int = 128,
-                        seed: int = 0, low_references: torch.Tensor | None = None, coarse_scales: int = 0) -> dict:
+                        seed: int = 0, low_references: torch.Tensor | None = None, coarse_scales: int = 0,
+                        coarse_remainder: bool = False) -> dict:
     """What the residual head adds when the discrete tokens are exactly right: teacher-forced
     transformer on dataset images and their own captions, then decoded with no residual, with the
     true residual (the head's ceiling) and with the head's sample at the default temperature. With
-    `coarse_scales`, the true tokens are built as the sampler meets them (`common.head_tokens`)."""
+    `coarse_scales` (and `coarse_remainder`), the true tokens and the residual are built as the
+    sampler meets them (`common.head_tokens`); the decodes then add the low image's remainder."""
     tf, tok = pipe.transformer, pipe.tokenizer
     picked = torch.randperm(len(references), generator=torch.Generator().manual_seed(seed))[:count]
     images = references[picked].to(tok.codebook.dtype)
     continuous_last = tf.continuous_last(scales)
     low = low_references[picked] if coarse_scales else None
-    indices, residual = head_tokens(tok, tf, images, scales, low, coarse_scales)
+    indices, residual = head_tokens(tok, tf, images, scales, low, coarse_scales, coarse_remainder)
     fhat = tok.indices_to_fhat(indices, scales, continuous_last)
+    if coarse_remainder:  # the base every decode starts from: the low image's whole latent
+        fhat = fhat + tok.encode_upsampled(low, scales, continuous_last)[1].transpose(1, 2).reshape(fhat.shape)
     states, _, positions = pipe.text_encoder([captions[int(i)] for i in picked])
     z = teacher_forced_condition(tf, tok, states, positions, indices, scales, coarse_scales)
     predicted = tf.diffloss.sample(z.flatten(0, 1), steps=pipe.sampling_defaults.diffusion_steps,
@@ -231,7 +235,8 @@ def evaluate(model: str, data: str, count: int = 300, cfgs: tuple = (0.0, 1.0, 2
         coarse = pipe.sampling_defaults.coarse_scales if res != pipe.default_resolution else 0
         entry["residual_head_teacher_forced"] = residual_head_check(
             pipe, references[res], [c["text"] for c in full[res].captions], scales,
-            low_references=references[pipe.default_resolution], coarse_scales=coarse)
+            low_references=references[pipe.default_resolution], coarse_scales=coarse,
+            coarse_remainder=bool(coarse) and pipe.sampling_defaults.coarse_remainder)
         report["resolutions"][str(res)] = entry
         print(json.dumps({res: entry}, indent=1), flush=True)
     return report

@@ -71,6 +71,9 @@ class HeadTrainConfig(RunConfig):
     # the conditions and targets are built the sampler's way and the model keeps it as its default;
     # None: the model's setting
     coarse_scales: int | None = None
+    # with every scale taken from it, keep the lowest resolution image's whole re-encoded latent and
+    # train the head on what the image holds beyond it (SamplingOptions.coarse_remainder); None: the model's
+    coarse_remainder: bool | None = None
     low_timestep_share: float = 0.0    # share of tokens trained at t < low_timestep_max (0: official uniform t)
     low_timestep_max: int = 300
     unrolled_weight: float = 0.0       # > 0: add this times the unrolled temperature-0 sample's MSE
@@ -229,11 +232,12 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
     n = len(dataset.captions)
     continuous_last = tf.continuous_last(scales)
     coarse = pipe.sampling_defaults.coarse_scales if resolution != pipe.default_resolution else 0
+    remainder = bool(coarse) and pipe.sampling_defaults.coarse_remainder
     low = load_dataset(data, pipe.default_resolution, "all", caption_variation=False) if coarse else None
     if low is not None and [c["text"] for c in low.captions] != [c["text"] for c in dataset.captions]:
         raise ValueError(f"{data}: the {pipe.default_resolution} px and {resolution} px images are not the same list")
     key = ([resolution, list(scales), wordings, dataset.source, n] + (["continuous_last"] if continuous_last else [])
-           + ([f"coarse_{coarse}"] if coarse else []))
+           + ([f"coarse_{coarse}"] if coarse else []) + (["coarse_remainder"] if remainder else []))
     digest = hashlib.sha256(json.dumps(key).encode())
     for module in (tf, tok):
         hash_weights(digest, module, skip_prefix="diffloss.")
@@ -244,7 +248,7 @@ def head_conditions(pipe: HARTPipeline, data: str, resolution: int, wordings: in
             ids = range(start, min(n, start + batch))
             low_images = torch.stack([low.image(i) for i in ids]) if low is not None else None
             indices, residual = head_tokens(tok, tf, torch.stack([dataset.image(i) for i in ids]), scales,
-                                            low_images, coarse)
+                                            low_images, coarse, remainder)
             per_wording = []
             for w in range(wordings + 1):
                 if w < wordings:
@@ -319,7 +323,9 @@ def train(cfg: HeadTrainConfig) -> dict:
         pipe.transformer.config.continuous_last_sides = tuple(cfg.continuous_last_sides)
     if cfg.coarse_scales is not None:  # the same; saved with the model as its sampling default
         pipe.sampling_defaults.coarse_scales = cfg.coarse_scales
-        pipe.sampling_defaults.validate()
+    if cfg.coarse_remainder is not None:
+        pipe.sampling_defaults.coarse_remainder = cfg.coarse_remainder
+    pipe.sampling_defaults.validate()
     pipe.transformer.float().requires_grad_(False)
     pipe.tokenizer.float()
     engine = Engine(cfg, "head")
