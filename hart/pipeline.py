@@ -333,7 +333,8 @@ class HARTPipeline:
                         replace(opts, coarse_scales=0), generator)
         image = self.tokenizer.decode(tokens.fhat_discrete, tokens.residual)
         schedule = self.schedules[resolution]
-        indices, remainder = self.tokenizer.encode_upsampled(image, schedule, self.transformer.continuous_last(schedule))
+        indices, remainder = self.tokenizer.encode_upsampled(image, schedule,
+                                                             self.transformer.continuous_last(schedule))
         return indices[:opts.coarse_scales], remainder if opts.coarse_remainder else None
 
     def __call__(self, prompt: str | list[str], **kwargs) -> GenerationResult:

@@ -354,7 +354,7 @@ class HybridTokenizer(nn.Module):
         The residual is what the last scale's codes leave of the remainder (with `continuous_last`,
         the whole remainder before the last scale): f equals
         indices_to_fhat(indices, scale_sizes, continuous_last) + residual (in token layout).
-        `given` fixes the first scales' indices (see `coarse_indices`)."""
+        `given` fixes the first scales' indices (see `encode_upsampled`)."""
         indices, rest_before_last = self.quantize.encode(self.encode_latent(images), scale_sizes, given)
         if continuous_last:
             return indices, rest_before_last
@@ -374,10 +374,6 @@ class HybridTokenizer(nn.Module):
         side = scale_sizes[-1] * self.config.downsample
         up = F.interpolate(low_images.float(), size=(side, side), mode="bicubic").clamp(-1, 1)
         return self.encode(up.to(self.codebook.dtype), scale_sizes, continuous_last)
-
-    def coarse_indices(self, low_images: torch.Tensor, scale_sizes, count: int) -> list[torch.Tensor]:
-        """The first `count` scales' indices of `encode_upsampled`."""
-        return self.encode_upsampled(low_images, scale_sizes)[0][:count]
 
     def decode(self, fhat: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Latent (plus optional residual tokens [B, P*P, C]) -> image in [-1, 1]."""

@@ -701,8 +701,8 @@ def test_coarse_scales_come_from_the_lowest_resolution_image(pipe):
     states, _, positions = pipe.text_encoder(["red apple"])
     with torch.no_grad():
         low = sample(pipe.transformer, pipe.tokenizer, states, positions, pipe.schedules[32], opts, generator)
-        given = pipe.tokenizer.coarse_indices(pipe.tokenizer.decode(low.fhat_discrete, low.residual),
-                                              pipe.schedules[64], 3)
+        given = pipe.tokenizer.encode_upsampled(pipe.tokenizer.decode(low.fhat_discrete, low.residual),
+                                                pipe.schedules[64])[0][:3]
         assert [g.shape[1] for g in given] == [1, 4, 16]
         out = sample(pipe.transformer, pipe.tokenizer, states, positions, pipe.schedules[64], opts, generator,
                      given=given)
@@ -765,7 +765,7 @@ def test_head_tokens_with_coarse_scales_still_add_up_to_the_latent(pipe, coarse,
     low = torch.nn.functional.interpolate(images, size=(32, 32), mode="area")
     with torch.no_grad():
         indices, residual = head_tokens(tok, tf, images, sizes, low, coarse_scales=coarse)
-        given = tok.coarse_indices(low, sizes, coarse)
+        given = tok.encode_upsampled(low, sizes)[0][:coarse]
         plain, _ = tok.encode(images, sizes)
         latent = tok.encode_latent(images)
         rebuilt = tok.indices_to_fhat(indices, sizes) + residual.transpose(1, 2).reshape_as(latent)
