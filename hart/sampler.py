@@ -1,7 +1,8 @@
 """Next-scale sampling. Text states -> for each scale: transformer step (KV cache), guidance,
 draw, f̂ update -> residual tokens from the diffusion head at the last scale. A model may leave
-the last scale of a schedule to the head alone (`continuous_last_sides`): no tokens are drawn
-there, and the head adds everything the coarser scales leave of the latent.
+the last scale of a schedule to the residual (`continuous_last_sides`): no tokens are drawn
+there, and the head adds everything the coarser scales leave of the latent (on top of the
+low-resolution image's own remainder with `coarse_remainder`).
 
 Every random draw uses the caller's generator, in a fixed order: each scale's tokens (and its
 Gumbel noise in "more smooth" mode), then the residual head's noise. `generator` is one

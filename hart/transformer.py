@@ -271,7 +271,7 @@ class HARTTransformer(nn.Module):
         return self.diffloss.contextualize(z) if context else z
 
     def continuous_last(self, scale_sizes) -> bool:
-        """Whether the residual head alone produces the last scale of this schedule."""
+        """Whether the last scale of this schedule draws no tokens (the residual tokens produce it)."""
         return scale_sizes[-1] in self.config.continuous_last_sides
 
     def drawn_scales(self, scale_sizes) -> int:
